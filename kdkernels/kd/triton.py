@@ -1,0 +1,281 @@
+"""Triton kernels of the softmax-KL family (SPEC §1).
+
+One program per row streams the vocabulary in BLOCK_V tiles with an online softmax
+(running max and rescaled sum per distribution, merged exactly), float32 arithmetic,
+int64 row offsets, and no N x V float32 buffer. Per row:
+
+  pass 1  online log-sum-exp of a = s/τ and b = t/τ (and of the TAID mix, and of the
+          untempered s when a hard-label term needs it). Forward KL, reverse KL and TAID
+          also accumulate their loss online: KL(p‖q) = Σp(b−a) − lse_b + lse_a with
+          Σp(b−a) = Σ e^{b−M}(b−a) / Σ e^{b−M}, rescaled whenever the running max M moves.
+  pass 2  (jsd, skew KL, tvd only) D = Σ d_j and H = Σ h_j with the final lse values.
+  pass 3  (only when the student needs a gradient) the gradient, in the input dtype:
+          ∂L/∂s_j = scale·[soft_w/τ·(h_j − q_j H) + hard_w·(softmax(s)_j − [j=y])]
+          (h and H as in chunked.py; forward KL and TAID have h = −p, H = −1).
+
+The gradient is computed here, in the forward pass, rather than recomputed in backward:
+the logits need not be kept for backward (the caller may free both N x V inputs and only
+the gradient, one input-sized tensor, stays alive), and the teacher is never re-read.
+Backward only rescales the stored gradient by the upstream gradient, on the device, and
+skips rows whose upstream factor is exactly 1 (the usual loss.backward()).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .params import FWD_KL, JSD, REV_KL, SKEW_FWD, SKEW_REV, TAID, TVD, ZERO, KDParams  # noqa: F401
+
+C_ZERO = tl.constexpr(ZERO)
+C_FWD = tl.constexpr(FWD_KL)
+C_REV = tl.constexpr(REV_KL)
+C_JSD = tl.constexpr(JSD)
+C_SKEW_FWD = tl.constexpr(SKEW_FWD)
+C_SKEW_REV = tl.constexpr(SKEW_REV)
+C_TVD = tl.constexpr(TVD)
+C_TAID = tl.constexpr(TAID)
+
+
+@triton.jit
+def _safe_max(m):
+    # A running max of -inf (all entries so far masked) must not produce inf - inf.
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _logaddexp(x, y):
+    m = _safe_max(tl.maximum(x, y))
+    return m + tl.log(tl.exp(x - m) + tl.exp(y - m))
+
+
+@triton.jit
+def _pair_terms(logq, logp, w, log_w, log_1mw, DIV: tl.constexpr):
+    """Per-element (d, h) of the divergences that need normalised p and q (see chunked.py)."""
+    q = tl.exp(logq)
+    p = tl.exp(logp)
+    if DIV == C_JSD:  # m = βp + (1−β)q
+        logm = _logaddexp(logp + log_w, logq + log_1mw)
+        h = tl.where(q > 0, (1.0 - w) * q * (logq - logm), 0.0)
+        d = tl.where(p > 0, w * p * (logp - logm), 0.0) + h
+    elif DIV == C_SKEW_FWD:  # m = αp + (1−α)q, D = KL(p‖m)
+        logm = _logaddexp(logp + log_w, logq + log_1mw)
+        d = tl.where(p > 0, p * (logp - logm), 0.0)
+        h = tl.where(p > 0, -(1.0 - w) * p * tl.exp(logq - logm), 0.0)
+    elif DIV == C_SKEW_REV:  # m = (1−α)p + αq, D = KL(q‖m)
+        logm = _logaddexp(logp + log_1mw, logq + log_w)
+        d = tl.where(q > 0, q * (logq - logm), 0.0)
+        h = tl.where(q > 0, d - w * q * tl.exp(logq - logm), 0.0)
+    else:  # tvd
+        d = 0.5 * tl.abs(p - q)
+        h = tl.where(q > p, 0.5 * q, tl.where(q < p, -0.5 * q, 0.0))
+    return d, h
+
+
+@triton.jit
+def _kd_fwd_kernel(
+    S, T, LABELS, SCALE, LOSS, GRAD,
+    stride_s, stride_t, stride_g, V, V_G,
+    inv_temp, w, log_w, log_1mw, soft_w, hard_w, ignore_index,
+    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr, TEMPERED: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, ZERO_TAIL: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = S + row * stride_s
+    t_row = T + row * stride_t
+    g_row = GRAD + row * stride_g
+    lanes = tl.arange(0, BLOCK_V)
+    NEG_INF: tl.constexpr = float("-inf")
+    ONLINE: tl.constexpr = (DIV == C_ZERO) or (DIV == C_FWD) or (DIV == C_REV) or (DIV == C_TAID)
+    NEED_B: tl.constexpr = (DIV != C_ZERO) and (DIV != C_TAID)
+    SEPARATE_CE: tl.constexpr = HARD and TEMPERED
+
+    y = 0
+    valid = True
+    if HAS_LABELS:
+        y = tl.load(LABELS + row).to(tl.int64)
+        valid = y != ignore_index
+
+    if valid:
+        # ---- pass 1: online log-sum-exp (and online loss for the ONLINE divergences)
+        m_a = NEG_INF
+        z_a = 0.0
+        m_b = NEG_INF
+        z_b = 0.0
+        m_x = NEG_INF
+        z_x = 0.0
+        acc = 0.0
+        for off in range(0, V, BLOCK_V):
+            cols = off + lanes
+            msk = cols < V
+            x = tl.load(s_row + cols, mask=msk, other=NEG_INF).to(tl.float32)
+            a = x * inv_temp
+            ma_new = tl.maximum(m_a, tl.max(a, 0))
+            ma_s = _safe_max(ma_new)
+            ea = tl.exp(a - ma_s)
+            ra = tl.exp(m_a - ma_s)
+            if NEED_B:
+                b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp
+                mb_new = tl.maximum(m_b, tl.max(b, 0))
+                mb_s = _safe_max(mb_new)
+                eb = tl.exp(b - mb_s)
+                rb = tl.exp(m_b - mb_s)
+                if DIV == C_FWD:  # Σ e^{b-M_b} (b - a)
+                    acc = acc * rb + tl.sum(tl.where(eb > 0, eb * (b - a), 0.0), 0)
+                if DIV == C_REV:  # Σ e^{a-M_a} (a - b)
+                    acc = acc * ra + tl.sum(tl.where(ea > 0, ea * (a - b), 0.0), 0)
+                z_b = z_b * rb + tl.sum(eb, 0)
+                m_b = mb_new
+            if DIV == C_TAID:  # c = (1-λ) a + λ b; Σ e^{c-M_c} (c - a)
+                b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp
+                c = (1.0 - w) * a + w * b
+                mc_new = tl.maximum(m_b, tl.max(c, 0))
+                mc_s = _safe_max(mc_new)
+                ec = tl.exp(c - mc_s)
+                rc = tl.exp(m_b - mc_s)
+                acc = acc * rc + tl.sum(tl.where(ec > 0, ec * (c - a), 0.0), 0)
+                z_b = z_b * rc + tl.sum(ec, 0)
+                m_b = mc_new
+            if SEPARATE_CE:
+                mx_new = tl.maximum(m_x, tl.max(x, 0))
+                mx_s = _safe_max(mx_new)
+                z_x = z_x * tl.exp(m_x - mx_s) + tl.sum(tl.exp(x - mx_s), 0)
+                m_x = mx_new
+            z_a = z_a * ra + tl.sum(ea, 0)
+            m_a = ma_new
+        lse_a = m_a + tl.log(z_a)
+        lse_b = m_b + tl.log(z_b)  # for TAID: lse of the mix c
+        if SEPARATE_CE:
+            lse_x = m_x + tl.log(z_x)
+        else:
+            lse_x = lse_a
+
+        d_row = 0.0
+        h_row = -1.0
+        if DIV == C_FWD:
+            d_row = acc / z_b - lse_b + lse_a
+        if DIV == C_TAID:
+            d_row = acc / z_b - lse_b + lse_a
+        if DIV == C_REV:
+            d_row = acc / z_a - lse_a + lse_b
+            h_row = d_row
+        # ---- pass 2: divergences that need normalised distributions
+        if not ONLINE:
+            d_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            h_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            for off in range(0, V, BLOCK_V):
+                cols = off + lanes
+                msk = cols < V
+                a = tl.load(s_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp
+                b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp
+                d, h = _pair_terms(a - lse_a, b - lse_b, w, log_w, log_1mw, DIV)
+                d_acc += tl.where(msk, d, 0.0)
+                h_acc += tl.where(msk, h, 0.0)
+            d_row = tl.sum(d_acc, 0)
+            h_row = tl.sum(h_acc, 0)
+
+        loss = soft_w * d_row
+        if HARD:
+            y_ok = (y >= 0) & (y < V)
+            # An out-of-range label on the GPU (labels are range-checked on the CPU only)
+            # reads nothing and makes this row's loss NaN rather than a wrong number.
+            x_y = tl.load(s_row + y, mask=y_ok, other=float("nan")).to(tl.float32)
+            loss += hard_w * (lse_x - x_y)
+        tl.store(LOSS + row, loss)
+
+        # ---- pass 3: gradient w.r.t. the student logits
+        if COMPUTE_GRAD:
+            sc = tl.load(SCALE).to(tl.float32)
+            c_soft = soft_w * inv_temp * sc
+            c_hard = hard_w * sc
+            for off in range(0, V, BLOCK_V):
+                cols = off + lanes
+                msk = cols < V
+                x = tl.load(s_row + cols, mask=msk, other=NEG_INF).to(tl.float32)
+                a = x * inv_temp
+                logq = a - lse_a
+                q = tl.exp(logq)
+                if DIV == C_ZERO:
+                    g = tl.zeros([BLOCK_V], dtype=tl.float32)
+                else:
+                    b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp
+                    if DIV == C_FWD:
+                        g = q - tl.exp(b - lse_b)
+                    elif DIV == C_TAID:
+                        g = q - tl.exp((1.0 - w) * a + w * b - lse_b)
+                    elif DIV == C_REV:
+                        logp = b - lse_b
+                        g = tl.where(q > 0, q * (logq - logp), 0.0) - q * h_row
+                    else:
+                        d, h = _pair_terms(logq, b - lse_b, w, log_w, log_1mw, DIV)
+                        g = h - q * h_row
+                g = g * c_soft
+                if HARD:
+                    sm = tl.exp(x - lse_x)
+                    g += c_hard * (sm - tl.where(cols == y, 1.0, 0.0))
+                tl.store(g_row + cols, g.to(GRAD.dtype.element_ty), mask=msk)
+            if ZERO_TAIL:
+                for off in range(V, V_G, BLOCK_V):
+                    cols = off + lanes
+                    tl.store(g_row + cols, tl.zeros([BLOCK_V], dtype=GRAD.dtype.element_ty),
+                             mask=cols < V_G)
+    else:
+        tl.store(LOSS + row, 0.0)
+        if COMPUTE_GRAD:
+            for off in range(0, V_G, BLOCK_V):
+                cols = off + lanes
+                tl.store(g_row + cols, tl.zeros([BLOCK_V], dtype=GRAD.dtype.element_ty),
+                         mask=cols < V_G)
+
+
+@triton.jit
+def _scale_rows_kernel(G, SCALE, stride_g, V, PER_ROW: tl.constexpr, BLOCK_V: tl.constexpr):
+    """G[row, :] *= scale (per row or one scalar), skipped on the device when scale == 1."""
+    row = tl.program_id(0).to(tl.int64)
+    if PER_ROW:
+        sc = tl.load(SCALE + row).to(tl.float32)
+    else:
+        sc = tl.load(SCALE).to(tl.float32)
+    if sc != 1.0:
+        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+        msk = cols < V
+        ptr = G + row * stride_g + cols
+        g = tl.load(ptr, mask=msk, other=0.0).to(tl.float32)
+        tl.store(ptr, (g * sc).to(G.dtype.element_ty), mask=msk)
+
+
+def _block_v(v: int, on_cpu: bool) -> tuple[int, int]:
+    cap = 2048 if on_cpu else 4096
+    block = max(16, min(triton.next_power_of_2(max(v, 1)), cap))
+    num_warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
+    return block, num_warps
+
+
+def kd_fwd_triton(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int) -> None:
+    """Same contract as chunked.kd_fwd_torch (see there); s/t/grad rows have unit column stride."""
+    n = s.shape[0]
+    if n == 0:
+        return
+    compute_grad = grad_out.numel() > 0
+    block, warps = _block_v(v, s.device.type == "cpu")
+    v_g = grad_out.shape[1] if compute_grad else v
+    _kd_fwd_kernel[(n,)](
+        s, t, labels if labels is not None else loss_out, scale, loss_out,
+        grad_out if compute_grad else s,
+        s.stride(0), t.stride(0), grad_out.stride(0) if compute_grad else 0, v, v_g,
+        prm.inv_temp, prm.w, prm.log_w, prm.log_1mw, prm.soft_w, prm.hard_w, prm.ignore_index,
+        DIV=prm.div, HAS_LABELS=labels is not None, HARD=prm.hard_w != 0.0,
+        TEMPERED=prm.inv_temp != 1.0, COMPUTE_GRAD=compute_grad, ZERO_TAIL=v_g > v,
+        BLOCK_V=block, num_warps=warps,
+    )
+
+
+def scale_rows_triton(grad, scale) -> None:
+    """grad[N, V] *= scale ([N] or 0-dim float32), in place."""
+    n, v = grad.shape
+    if n == 0 or v == 0:
+        return
+    block, warps = _block_v(v, grad.device.type == "cpu")
+    grid = (n, triton.cdiv(v, block))
+    _scale_rows_kernel[grid](grad, scale, grad.stride(0), v, PER_ROW=scale.dim() > 0,
+                             BLOCK_V=block, num_warps=warps)
