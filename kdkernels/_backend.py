@@ -43,7 +43,10 @@ def _triton_reason(device) -> str | None:
 
 def _cuda_reason(device) -> str | None:
     if device.type != "cuda":
-        return f"the cuda backend needs CUDA tensors (got {device.type}); use backend='torch' or 'auto'"
+        return (
+            f"the cuda backend needs CUDA tensors (got {device.type}); "
+            "use backend='torch' or 'auto'"
+        )
     from . import _ext
 
     return _ext.unavailable_reason()

@@ -25,7 +25,9 @@ def check_float_tensor(name: str, x, *, min_dim: int = 1) -> torch.Tensor:
             f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}"
         )
     if x.dim() < min_dim:
-        raise ValueError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have at least {min_dim} dimension(s), got shape {tuple(x.shape)}"
+        )
     return x
 
 
@@ -99,7 +101,8 @@ def check_normalizer(normalizer):
     if isinstance(normalizer, torch.Tensor):
         if normalizer.dim() != 0:
             raise ValueError(
-                f"normalizer must be a number or a 0-dim tensor, got shape {tuple(normalizer.shape)}"
+                "normalizer must be a number or a 0-dim tensor, "
+                f"got shape {tuple(normalizer.shape)}"
             )
         if normalizer.dtype == torch.bool or normalizer.dtype.is_complex:
             raise TypeError(f"normalizer must be a real number tensor, got {normalizer.dtype}")
@@ -109,7 +112,7 @@ def check_normalizer(normalizer):
     return check_number("normalizer", normalizer, lo=0.0, lo_open=True)
 
 
-def check_labels(labels, lead_shape, num_classes: int, ignore_index: int, device) -> torch.Tensor | None:
+def check_labels(labels, lead_shape, num_classes: int, ignore_index: int, device):
     """Labels shaped like the leading dims, integer, on `device`; values checked on CPU only.
 
     Valid values: `ignore_index` or `0 <= y < num_classes`.
@@ -119,7 +122,8 @@ def check_labels(labels, lead_shape, num_classes: int, ignore_index: int, device
     check_int_tensor("labels", labels)
     if tuple(labels.shape) != tuple(lead_shape):
         raise ValueError(
-            f"labels must have the logits' leading shape {tuple(lead_shape)}, got {tuple(labels.shape)}"
+            f"labels must have the logits' leading shape {tuple(lead_shape)}, "
+            f"got {tuple(labels.shape)}"
         )
     if labels.device != device:
         raise ValueError(f"labels is on {labels.device} but the logits are on {device}")

@@ -4,14 +4,16 @@ One program per row streams the vocabulary in BLOCK_V tiles with an online softm
 (running max and rescaled sum per distribution, merged exactly), float32 arithmetic,
 int64 row offsets, and no N x V float32 buffer. Per row:
 
-  pass 1  online log-sum-exp of a = s/τ and b = t/τ (and of the TAID mix, and of the
-          untempered s when a hard-label term needs it). Forward KL, reverse KL and TAID
-          also accumulate their loss online: KL(p‖q) = Σp(b−a) − lse_b + lse_a with
-          Σp(b−a) = Σ e^{b−M}(b−a) / Σ e^{b−M}, rescaled whenever the running max M moves.
-  pass 2  (jsd, skew KL, tvd only) D = Σ d_j and H = Σ h_j with the final lse values.
+  pass 1  online log-sum-exp of a = s/τ (with its argmax kept apart, see chunked.py) and
+          of b = t/τ (or of the TAID mix; and of the untempered s when a tempered run has a
+          hard-label term). Forward KL and TAID also accumulate their loss online:
+          KL(p‖q) = Σp(b−a) − lse_b + lse_a with Σp(b−a) = Σ e^{b−M}(b−a) / Σ e^{b−M},
+          rescaled whenever the running max M moves.
+  pass 2  (reverse KL, jsd, skew KL, tvd) D = Σ d_j and the gradient statistics
+          G' = Σ_{v≠j*} q_v g_v, g_{j*} with the final normalisers.
   pass 3  (only when the student needs a gradient) the gradient, in the input dtype:
-          ∂L/∂s_j = scale·[soft_w/τ·(h_j − q_j H) + hard_w·(softmax(s)_j − [j=y])]
-          (h and H as in chunked.py; forward KL and TAID have h = −p, H = −1).
+          ∂L/∂s_j = scale·[soft_w/τ·q_j (g_j − ḡ) + hard_w·(softmax(s)_j − [j=y])]
+          (g as in chunked.py; forward KL and TAID use q − p and q − r directly).
 
 The gradient is computed here, in the forward pass, rather than recomputed in backward:
 the logits need not be kept for backward (the caller may free both N x V inputs and only
@@ -44,32 +46,43 @@ def _safe_max(m):
 
 
 @triton.jit
+def _log1p(z):
+    # log(1 + z) accurate for tiny z (z >= 0): the rounding of 1 + z cancels in the ratio.
+    u = 1.0 + z
+    return tl.where(u == 1.0, z, tl.log(u) * (z / (u - 1.0)))
+
+
+@triton.jit
 def _logaddexp(x, y):
     m = _safe_max(tl.maximum(x, y))
     return m + tl.log(tl.exp(x - m) + tl.exp(y - m))
 
 
 @triton.jit
-def _pair_terms(logq, logp, w, log_w, log_1mw, DIV: tl.constexpr):
-    """Per-element (d, h) of the divergences that need normalised p and q (see chunked.py)."""
+def _pair_terms(logq, logp, la_lb, w, log_w, log_1mw, DIV: tl.constexpr):
+    """Per-element (d, g) of the divergences that need normalised p and q (see chunked.py):
+    d sums to D_n, g = ∂D/∂q up to a row constant; la_lb = log q − log p up to a constant."""
     q = tl.exp(logq)
     p = tl.exp(logp)
-    if DIV == C_JSD:  # m = βp + (1−β)q
+    if DIV == C_REV:
+        g = tl.where(q > 0, la_lb, 0.0)
+        d = tl.where(q > 0, q * (logq - logp), 0.0)
+    elif DIV == C_JSD:  # m = βp + (1−β)q
         logm = _logaddexp(logp + log_w, logq + log_1mw)
-        h = tl.where(q > 0, (1.0 - w) * q * (logq - logm), 0.0)
-        d = tl.where(p > 0, w * p * (logp - logm), 0.0) + h
+        g = tl.where(q > 0, (1.0 - w) * (logq - logm), 0.0)
+        d = tl.where(p > 0, w * p * (logp - logm), 0.0) + q * g
     elif DIV == C_SKEW_FWD:  # m = αp + (1−α)q, D = KL(p‖m)
         logm = _logaddexp(logp + log_w, logq + log_1mw)
         d = tl.where(p > 0, p * (logp - logm), 0.0)
-        h = tl.where(p > 0, -(1.0 - w) * p * tl.exp(logq - logm), 0.0)
+        g = tl.where(p > 0, -(1.0 - w) * tl.exp(logp - logm), 0.0)
     elif DIV == C_SKEW_REV:  # m = (1−α)p + αq, D = KL(q‖m)
         logm = _logaddexp(logp + log_1mw, logq + log_w)
         d = tl.where(q > 0, q * (logq - logm), 0.0)
-        h = tl.where(q > 0, d - w * q * tl.exp(logq - logm), 0.0)
+        g = tl.where(q > 0, logq - logm - w * tl.exp(logq - logm), 0.0)
     else:  # tvd
         d = 0.5 * tl.abs(p - q)
-        h = tl.where(q > p, 0.5 * q, tl.where(q < p, -0.5 * q, 0.0))
-    return d, h
+        g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+    return d, g
 
 
 @triton.jit
@@ -80,13 +93,17 @@ def _kd_fwd_kernel(
     DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr, TEMPERED: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, ZERO_TAIL: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    # Notation: a = s/τ, b = t/τ, q = softmax(a), p = softmax(b). The student's running
+    # max M_a sits at the pivot column j*; Z' = Σ_{v≠j*} e^{a_v − M_a} excludes it, so
+    # log q = (a − M_a) − log1p(Z') and 1 − q_{j*} = Z'/(1+Z') carry no cancellation
+    # (chunked.py explains why). Rows of p use (M_b, Z_b) the same way without a pivot.
     row = tl.program_id(0).to(tl.int64)
     s_row = S + row * stride_s
     t_row = T + row * stride_t
     g_row = GRAD + row * stride_g
     lanes = tl.arange(0, BLOCK_V)
     NEG_INF: tl.constexpr = float("-inf")
-    ONLINE: tl.constexpr = (DIV == C_ZERO) or (DIV == C_FWD) or (DIV == C_REV) or (DIV == C_TAID)
+    ONLINE: tl.constexpr = (DIV == C_ZERO) or (DIV == C_FWD) or (DIV == C_TAID)
     NEED_B: tl.constexpr = (DIV != C_ZERO) and (DIV != C_TAID)
     SEPARATE_CE: tl.constexpr = HARD and TEMPERED
 
@@ -97,9 +114,10 @@ def _kd_fwd_kernel(
         valid = y != ignore_index
 
     if valid:
-        # ---- pass 1: online log-sum-exp (and online loss for the ONLINE divergences)
+        # ---- pass 1: online max/sum statistics (and the online loss of FWD/TAID)
         m_a = NEG_INF
-        z_a = 0.0
+        zp = 0.0
+        piv = 0
         m_b = NEG_INF
         z_b = 0.0
         m_x = NEG_INF
@@ -110,23 +128,28 @@ def _kd_fwd_kernel(
             msk = cols < V
             x = tl.load(s_row + cols, mask=msk, other=NEG_INF).to(tl.float32)
             a = x * inv_temp
-            ma_new = tl.maximum(m_a, tl.max(a, 0))
+            t_max = tl.max(a, 0)
+            t_arg = tl.argmax(a, 0)
+            new = t_max > m_a
+            ma_new = tl.where(new, t_max, m_a)
             ma_s = _safe_max(ma_new)
             ea = tl.exp(a - ma_s)
             ra = tl.exp(m_a - ma_s)
+            old_piv = tl.where(m_a == NEG_INF, 0.0, 1.0)
+            tile = tl.sum(tl.where(lanes == t_arg, tl.where(new, 0.0, ea), ea), 0)
+            zp = tl.where(new, (zp + old_piv) * ra, zp) + tile
+            piv = tl.where(new, off + t_arg, piv)
             if NEED_B:
                 b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp
                 mb_new = tl.maximum(m_b, tl.max(b, 0))
                 mb_s = _safe_max(mb_new)
                 eb = tl.exp(b - mb_s)
                 rb = tl.exp(m_b - mb_s)
-                if DIV == C_FWD:  # Σ e^{b-M_b} (b - a)
+                if DIV == C_FWD:  # Σ e^{b−M_b} (b − a)
                     acc = acc * rb + tl.sum(tl.where(eb > 0, eb * (b - a), 0.0), 0)
-                if DIV == C_REV:  # Σ e^{a-M_a} (a - b)
-                    acc = acc * ra + tl.sum(tl.where(ea > 0, ea * (a - b), 0.0), 0)
                 z_b = z_b * rb + tl.sum(eb, 0)
                 m_b = mb_new
-            if DIV == C_TAID:  # c = (1-λ) a + λ b; Σ e^{c-M_c} (c - a)
+            if DIV == C_TAID:  # c = (1−λ) a + λ b; Σ e^{c−M_c} (c − a)
                 b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp
                 c = (1.0 - w) * a + w * b
                 mc_new = tl.maximum(m_b, tl.max(c, 0))
@@ -141,38 +164,48 @@ def _kd_fwd_kernel(
                 mx_s = _safe_max(mx_new)
                 z_x = z_x * tl.exp(m_x - mx_s) + tl.sum(tl.exp(x - mx_s), 0)
                 m_x = mx_new
-            z_a = z_a * ra + tl.sum(ea, 0)
             m_a = ma_new
-        lse_a = m_a + tl.log(z_a)
-        lse_b = m_b + tl.log(z_b)  # for TAID: lse of the mix c
+        m_a = _safe_max(m_a)
+        m_b = _safe_max(m_b)
+        c_a = _log1p(zp)  # lse_a = M_a + c_a
+        c_b = tl.log(z_b)  # lse_b = M_b + c_b (TAID: of the mix c)
         if SEPARATE_CE:
-            lse_x = m_x + tl.log(z_x)
+            m_x = _safe_max(m_x)
+            c_x = tl.log(z_x)
         else:
-            lse_x = lse_a
+            m_x = m_a
+            c_x = c_a
 
         d_row = 0.0
-        h_row = -1.0
-        if DIV == C_FWD:
-            d_row = acc / z_b - lse_b + lse_a
+        if DIV == C_FWD:  # Σp(b−a) − lse_b + lse_a
+            d_row = (acc / z_b - m_b + m_a) - c_b + c_a
         if DIV == C_TAID:
-            d_row = acc / z_b - lse_b + lse_a
-        if DIV == C_REV:
-            d_row = acc / z_a - lse_a + lse_b
-            h_row = d_row
+            d_row = (acc / z_b - m_b + m_a) - c_b + c_a
+        q_piv = 1.0 / (1.0 + zp)
+        g_bar = 0.0
+        g_pivot = 0.0
         # ---- pass 2: divergences that need normalised distributions
         if not ONLINE:
             d_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-            h_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            qg_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            gp_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
             for off in range(0, V, BLOCK_V):
                 cols = off + lanes
                 msk = cols < V
-                a = tl.load(s_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp
-                b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp
-                d, h = _pair_terms(a - lse_a, b - lse_b, w, log_w, log_1mw, DIV)
+                la = tl.load(s_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp - m_a
+                lb = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp - m_b
+                logq = la - c_a
+                d, g = _pair_terms(logq, lb - c_b, la - lb, w, log_w, log_1mw, DIV)
+                is_piv = cols == piv
                 d_acc += tl.where(msk, d, 0.0)
-                h_acc += tl.where(msk, h, 0.0)
+                qg_acc += tl.where(msk, tl.where(is_piv, 0.0, tl.exp(logq) * g), 0.0)
+                gp_acc += tl.where(is_piv, g, 0.0)
             d_row = tl.sum(d_acc, 0)
-            h_row = tl.sum(h_acc, 0)
+            g_rest = tl.sum(qg_acc, 0)  # G' = Σ_{v≠j*} q_v g_v
+            g_piv = tl.sum(gp_acc, 0)
+            g_bar = q_piv * g_piv + g_rest
+            # ∂D/∂a at the pivot: q_{j*}((1 − q_{j*}) g_{j*} − G')
+            g_pivot = q_piv * (zp * q_piv * g_piv - g_rest)
 
         loss = soft_w * d_row
         if HARD:
@@ -180,7 +213,7 @@ def _kd_fwd_kernel(
             # An out-of-range label on the GPU (labels are range-checked on the CPU only)
             # reads nothing and makes this row's loss NaN rather than a wrong number.
             x_y = tl.load(s_row + y, mask=y_ok, other=float("nan")).to(tl.float32)
-            loss += hard_w * (lse_x - x_y)
+            loss += hard_w * (c_x - (x_y - m_x))
         tl.store(LOSS + row, loss)
 
         # ---- pass 3: gradient w.r.t. the student logits
@@ -188,31 +221,34 @@ def _kd_fwd_kernel(
             sc = tl.load(SCALE).to(tl.float32)
             c_soft = soft_w * inv_temp * sc
             c_hard = hard_w * sc
+            # CE'(y) = softmax(s)_y − 1; when τ = 1 and y is the pivot, that is −Z'/(1+Z').
+            ce_piv = -zp * q_piv
             for off in range(0, V, BLOCK_V):
                 cols = off + lanes
                 msk = cols < V
                 x = tl.load(s_row + cols, mask=msk, other=NEG_INF).to(tl.float32)
-                a = x * inv_temp
-                logq = a - lse_a
+                la = x * inv_temp - m_a
+                logq = la - c_a
                 q = tl.exp(logq)
                 if DIV == C_ZERO:
                     g = tl.zeros([BLOCK_V], dtype=tl.float32)
                 else:
                     b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp
                     if DIV == C_FWD:
-                        g = q - tl.exp(b - lse_b)
+                        g = q - tl.exp((b - m_b) - c_b)
                     elif DIV == C_TAID:
-                        g = q - tl.exp((1.0 - w) * a + w * b - lse_b)
-                    elif DIV == C_REV:
-                        logp = b - lse_b
-                        g = tl.where(q > 0, q * (logq - logp), 0.0) - q * h_row
+                        g = q - tl.exp(((1.0 - w) * x * inv_temp + w * b - m_b) - c_b)
                     else:
-                        d, h = _pair_terms(logq, b - lse_b, w, log_w, log_1mw, DIV)
-                        g = h - q * h_row
+                        lb = b - m_b
+                        d, gq = _pair_terms(logq, lb - c_b, la - lb, w, log_w, log_1mw, DIV)
+                        g = tl.where(cols == piv, g_pivot, q * (gq - g_bar))
                 g = g * c_soft
                 if HARD:
-                    sm = tl.exp(x - lse_x)
-                    g += c_hard * (sm - tl.where(cols == y, 1.0, 0.0))
+                    sm = tl.exp((x - m_x) - c_x)
+                    ce = sm - tl.where(cols == y, 1.0, 0.0)
+                    if not TEMPERED:
+                        ce = tl.where(cols == y, tl.where(y == piv, ce_piv, ce), ce)
+                    g += c_hard * ce
                 tl.store(g_row + cols, g.to(GRAD.dtype.element_ty), mask=msk)
             if ZERO_TAIL:
                 for off in range(V, V_G, BLOCK_V):

@@ -1,0 +1,125 @@
+"""The `torch` backend of `plackett_luce_loss`: exact PyTorch, chunked over rows.
+
+Per row, with the ranking π (label first, then descending teacher logit, ties by lower
+class index), weights w_k = softmax(t/τ)[π_k] and suffix log-sum-exps
+LSE_k = log Σ_{ℓ≥k} exp(s[π_ℓ]) of the untempered student logits:
+
+    L = Σ_{k<K} w_k (LSE_k − s[π_k])                              (0-indexed, K = top_k or V)
+
+Gradient. ∂LSE_k/∂s[π_j] = softmax over the suffix k, exp(s[π_j] − LSE_k), for j ≥ k, so
+
+    ∂L/∂s[π_j] = Σ_{k ≤ min(j, K−1)} w_k exp(s[π_j] − LSE_k) − w_j [j < K]
+               = exp(s[π_j] + c_j) − w_j [j < K],
+    c_j = log Σ_{k ≤ min(j, K−1)} w_k exp(−LSE_k)   (a prefix log-cum-sum-exp of log w_k − LSE_k).
+
+Each term exp(s[π_j] − LSE_k) ≤ 1 (π_j is in suffix k), so exp(s[π_j] + c_j) ≤ Σ w ≤ 1:
+no overflow at any logit spread. Both scans are O(K) per row after the ranking; no V×V.
+For j ≥ K the gradient is exp(s_v + c_{K−1}), which needs no ranking: only the first K
+positions of π are ever built, and the suffix sums beyond them collapse into one
+log-sum-exp over the unranked tail, LSE_k = logaddexp(LSE_tail, LSE over π_k..π_{K−1}).
+
+Ranking. K = V (or K close to V) uses one stable descending sort of the teacher row
+(stable keeps the lower index first among ties). A small K uses `topk` only for the
+K-th largest value θ, then selects every class with t > θ and the lowest-index classes
+with t == θ until K are chosen, and stable-sorts those K: deterministic, O(V + K log K).
+With labels the label is moved to (or inserted at) the front of that list.
+
+Precision: all arithmetic per chunk is float64, whatever the input dtype, so the float32
+result is the float64 result rounded once. Memory: a chunk of rows at a time, so the
+only temporaries besides the returned gradient are a few chunk × V blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_ELEMS = 1 << 19  # elements per chunk × V block (4 MiB in float64)
+_NEG_INF = float("-inf")
+# Use the full sort when K is at least this fraction of V (topk + selection no cheaper).
+_FULL_SORT_FRACTION = 0.25
+
+
+def _top_ranked(t: torch.Tensor, k: int) -> torch.Tensor:
+    """First k class indices per row by (descending t, ascending index). t: [R, V] -> [R, k]."""
+    v = t.shape[1]
+    if k >= _FULL_SORT_FRACTION * v:
+        return torch.sort(t, dim=1, descending=True, stable=True).indices[:, :k]
+    theta = torch.topk(t, k, dim=1, sorted=False).values.amin(1, keepdim=True)
+    above = t > theta
+    n_above = above.sum(1, keepdim=True)
+    tie = t == theta
+    # lowest-index ties fill the k − n_above remaining places
+    take_tie = tie & (torch.cumsum(tie, 1) <= k - n_above)
+    # the k chosen indices in ascending order (exactly k per row; no nonzero, no host sync)
+    key = torch.where(above | take_tie, v - torch.arange(v, device=t.device), 0)
+    chosen = torch.topk(key, k, dim=1, sorted=True).indices
+    order = torch.sort(t.gather(1, chosen), dim=1, descending=True, stable=True).indices
+    return chosen.gather(1, order)
+
+
+def _label_first(top: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Put y[r] first in top[r] (moved if present, else prepended and the last dropped).
+
+    top: [R, K] ranking prefix of all classes; y: [R] int64 -> [R, K].
+    """
+    r, k = top.shape
+    j = torch.arange(k, device=top.device).expand(r, k)
+    hit = top == y.unsqueeze(1)
+    # position of y in top, or k when absent
+    pos = torch.where(hit, j, k).amin(1, keepdim=True)
+    src = torch.where(j <= pos, j - 1, j).clamp_min(0)
+    out = top.gather(1, src)
+    out[:, 0] = y
+    return out
+
+
+def pld_fwd_torch(s, t, labels, scale, loss_out, grad_out, inv_temp: float, top_k: int,
+                  ignore_index: int) -> None:
+    """Fill loss_out[N] (float32 per-row losses, 0 at ignored rows) and, if grad_out is
+    non-empty, grad_out[N, V] = scale·∂L_n/∂s (0 at ignored rows).
+
+    s: [N, V] student logits, t: [N, V] teacher logits, labels: [N] or None,
+    scale: 0-dim float tensor, top_k: K in [1, V].
+    """
+    n, v = s.shape
+    k = top_k
+    want_grad = grad_out.numel() > 0
+    rows = max(1, CHUNK_ELEMS // v)
+    f64 = torch.float64
+    scale64 = scale.to(device=s.device, dtype=f64)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        tc = t[r0:r1]
+        top = _top_ranked(tc, k)
+        valid = None
+        if labels is not None:
+            y = labels[r0:r1].long()
+            valid = y != ignore_index
+            # ignored rows keep the teacher's order (their loss is zeroed below)
+            top = _label_first(top, torch.where(valid, y, top[:, 0]))
+        x = s[r0:r1].to(f64)
+        b = tc.to(f64) * inv_temp
+        lse_b = torch.logsumexp(b, 1, keepdim=True)
+        logw = b.gather(1, top) - lse_b  # log softmax(t/τ)[π_k], k < K
+        del b
+        w = logw.exp()
+        xs = x.gather(1, top)  # s[π_k]
+        lse = torch.logcumsumexp(xs.flip(1), 1).flip(1)  # suffix LSE within the first K
+        if k < v:
+            tail = x.scatter(1, top, _NEG_INF)
+            lse = torch.logaddexp(lse, torch.logsumexp(tail, 1, keepdim=True))
+            del tail
+        has_w = w > 0  # 0 · (LSE − s) = 0 even where both are -inf
+        loss = torch.where(has_w, w * (lse - xs), 0.0).sum(1)
+        if valid is not None:
+            loss = torch.where(valid, loss, 0.0)
+        loss_out[r0:r1] = loss.float()
+        if not want_grad:
+            continue
+        c = torch.logcumsumexp(torch.where(has_w, logw - lse, _NEG_INF), 1)
+        g = torch.exp(x + c[:, k - 1 :])  # unranked tail: exp(s_v + c_{K−1})
+        g.scatter_(1, top, torch.exp(xs + c) - w)
+        g.mul_(scale64)
+        if valid is not None:
+            g = torch.where(valid.unsqueeze(1), g, 0.0)
+        grad_out[r0:r1] = g
