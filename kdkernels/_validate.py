@@ -1,8 +1,8 @@
 """Shared input checks. Each raises ValueError/TypeError naming the argument.
 
 All checks run on metadata only (shapes, dtypes, devices, Python numbers), except
-`check_labels`, which inspects label values only when they live on the CPU (a GPU
-check would force a host synchronisation).
+`check_labels` and `check_normalizer`, which inspect values only when they live on the
+CPU (a GPU check would force a host synchronisation) and not while torch.compile traces.
 """
 
 from __future__ import annotations
@@ -11,6 +11,13 @@ import math
 import numbers
 
 import torch
+
+
+def _compiling() -> bool:
+    # Value checks read tensor data; under torch.compile that is a data-dependent branch,
+    # so they are skipped while tracing (kernels still never read out of bounds).
+    return torch.compiler.is_compiling()
+
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("none", "sum", "mean")
@@ -106,7 +113,7 @@ def check_normalizer(normalizer):
             )
         if normalizer.dtype == torch.bool or normalizer.dtype.is_complex:
             raise TypeError(f"normalizer must be a real number tensor, got {normalizer.dtype}")
-        if normalizer.device.type == "cpu":
+        if normalizer.device.type == "cpu" and not _compiling():
             check_number("normalizer", normalizer, lo=0.0, lo_open=True)
         return normalizer
     return check_number("normalizer", normalizer, lo=0.0, lo_open=True)
@@ -127,7 +134,7 @@ def check_labels(labels, lead_shape, num_classes: int, ignore_index: int, device
         )
     if labels.device != device:
         raise ValueError(f"labels is on {labels.device} but the logits are on {device}")
-    if labels.device.type == "cpu" and labels.numel() > 0:
+    if labels.device.type == "cpu" and labels.numel() > 0 and not _compiling():
         valid = labels != ignore_index
         bad = valid & ((labels < 0) | (labels >= num_classes))
         if bool(bad.any()):

@@ -12,6 +12,7 @@ g = ∂D/∂q (constants dropped: they cancel), ∂D/∂a_j = q_j (g_j − ḡ),
   skew fwd    g = −(1−α) p/m                  m = αp + (1−α)q
   skew rev    g = log q − log m − α q/m       m = (1−α)p + αq
   tvd         g = ½ sign(q − p)
+(_pair_terms evaluates them in a cancellation-free form.)
 Forward KL and TAID use the closed form q − p (q − r). The hard-label term adds
 CE'(s) = softmax(s) − onehot(y) on the untempered logits.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .params import FWD_KL, JSD, REV_KL, SKEW_FWD, SKEW_REV, TAID, TVD, ZERO, KDParams
 
@@ -38,27 +40,39 @@ def _xlog(x, logx, logy):
     return torch.where(x > 0, x * (logx - logy), 0.0)
 
 
-def _pair_terms(code: int, logq, q, logp, p, w: float, la_lb):
-    """Per-element (d, g): d sums to D_n, g = ∂D/∂q up to a constant (module docstring).
+def _pair_terms(code: int, logq, q, logp, p, w: float, la_lb, dc):
+    """Per-element (d, g): d sums to D_n, g = ∂D/∂q up to a row constant.
 
-    la_lb = (a − M_a) − (b − M_b): log q − log p up to a row constant, without lse rounding.
+    la_lb = (a − M_a) − (b − M_b) and dc = c_a − c_b give log r = log p − log q = dc − la_lb
+    without the rounding of the normalisers. Each g is shifted by the constant that makes
+    it vanish where p/q → 0 (where a saturated student puts its mass), so that g − ḡ does
+    not cancel there: with x = log(κ) + log r,
+      jsd       g = −(1−β) softplus(x),          κ = β/(1−β)
+      skew fwd  g = −((1−α)/α) sigmoid(x),       κ = α/(1−α)
+      skew rev  g = −softplus(x) + sigmoid(x),   κ = (1−α)/α
+      tvd       g = 0 (q > p), −1 (q < p), −½ (q = p)
     """
     if code == REV_KL:
         g = torch.where(q > 0, la_lb, 0.0)
         return _xlog(q, logq, logp), g
     if code == TVD:
-        return 0.5 * (p - q).abs(), 0.5 * torch.sign(q - p)
+        g = torch.where(q > p, 0.0, torch.where(q < p, -1.0, -0.5))
+        return 0.5 * (p - q).abs(), g
+    log_r = dc - la_lb
     if code == JSD:
         logm = torch.logaddexp(logp + math.log(w), logq + math.log1p(-w))
-        g = torch.where(q > 0, (1 - w) * (logq - logm), 0.0)
-        return w * _xlog(p, logp, logm) + q * g, g
+        x = (math.log(w) - math.log1p(-w)) + log_r
+        g = torch.where(q > 0, -(1 - w) * F.softplus(x), 0.0)
+        return w * _xlog(p, logp, logm) + _xlog(q, logq, logm) * (1 - w), g
     if code == SKEW_FWD:
         logm = torch.logaddexp(logp + math.log(w), logq + math.log1p(-w))
-        g = torch.where(p > 0, -(1 - w) * torch.exp(logp - logm), 0.0)
+        x = (math.log(w) - math.log1p(-w)) + log_r
+        g = torch.where(p > 0, -((1 - w) / w) * torch.sigmoid(x), 0.0)
         return _xlog(p, logp, logm), g
     if code == SKEW_REV:
         logm = torch.logaddexp(logp + math.log1p(-w), logq + math.log(w))
-        g = torch.where(q > 0, logq - logm - w * torch.exp(logq - logm), 0.0)
+        x = (math.log1p(-w) - math.log(w)) + log_r
+        g = torch.where(q > 0, torch.sigmoid(x) - F.softplus(x), 0.0)
         return _xlog(q, logq, logm), g
     raise AssertionError(code)
 
@@ -121,7 +135,7 @@ def kd_fwd_torch(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int)
                 if want_grad:
                     grad_a = q - p
             else:
-                d, g = _pair_terms(code, logq, q, logp, p, prm.w, la - lb)
+                d, g = _pair_terms(code, logq, q, logp, p, prm.w, la - lb, c_a - c_b)
                 d_row = d.sum(-1)
                 if want_grad:
                     qg = q * g

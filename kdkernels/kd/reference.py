@@ -14,9 +14,21 @@ import torch.nn.functional as F
 
 
 def _kl(x, logx, logy):
-    """sum_v x (log x - log y) with 0 log 0 = 0, over the last dim."""
-    return torch.where(x > 0, x * (logx - logy), torch.zeros_like(x)).sum(-1)
+    """sum_v x (log x - log y) with 0 log 0 = 0, over the last dim.
 
+    The logs are replaced by 0 where x == 0 before they meet, so that neither the value
+    nor autograd's derivative of the unused branch forms -inf - (-inf).
+    """
+    pos = x > 0
+    logx = torch.where(pos, logx, 0.0)
+    logy = torch.where(pos, logy, 0.0)
+    return torch.where(pos, x * (logx - logy), 0.0).sum(-1)
+
+
+
+def _log_mix(m):
+    # log of a mixture; entries with m == 0 only meet x == 0 in _kl, where they are unused.
+    return torch.log(torch.where(m > 0, m, 1.0))
 
 
 def divergence_ref(s, t, divergence, *, beta=0.5, alpha=0.1, taid_t=None, temperature=1.0):
@@ -34,12 +46,12 @@ def divergence_ref(s, t, divergence, *, beta=0.5, alpha=0.1, taid_t=None, temper
             return _kl(p, logp, logq)
         if beta == 1:
             return _kl(q, logq, logp)
-        logm = torch.log(beta * p + (1 - beta) * q)
+        logm = _log_mix(beta * p + (1 - beta) * q)
         return beta * _kl(p, logp, logm) + (1 - beta) * _kl(q, logq, logm)
     if divergence == "skew_forward_kl":
-        return _kl(p, logp, torch.log(alpha * p + (1 - alpha) * q))
+        return _kl(p, logp, _log_mix(alpha * p + (1 - alpha) * q))
     if divergence == "skew_reverse_kl":
-        return _kl(q, logq, torch.log((1 - alpha) * p + alpha * q))
+        return _kl(q, logq, _log_mix((1 - alpha) * p + alpha * q))
     if divergence == "tvd":
         return 0.5 * (p - q).abs().sum(-1)
     if divergence == "taid":

@@ -59,29 +59,44 @@ def _logaddexp(x, y):
 
 
 @triton.jit
-def _pair_terms(logq, logp, la_lb, w, log_w, log_1mw, DIV: tl.constexpr):
-    """Per-element (d, g) of the divergences that need normalised p and q (see chunked.py):
-    d sums to D_n, g = ∂D/∂q up to a row constant; la_lb = log q − log p up to a constant."""
+def _softplus(x):
+    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _sigmoid(x):
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _pair_terms(logq, logp, la_lb, dc, w, log_w, log_1mw, DIV: tl.constexpr):
+    """Per-element (d, g) of the divergences that need normalised p and q: d sums to D_n,
+    g = ∂D/∂q shifted to vanish where p/q → 0 (chunked._pair_terms derives each form);
+    log r = log p − log q = dc − la_lb without the normalisers' rounding."""
     q = tl.exp(logq)
     p = tl.exp(logp)
+    log_r = dc - la_lb
     if DIV == C_REV:
         g = tl.where(q > 0, la_lb, 0.0)
         d = tl.where(q > 0, q * (logq - logp), 0.0)
     elif DIV == C_JSD:  # m = βp + (1−β)q
         logm = _logaddexp(logp + log_w, logq + log_1mw)
-        g = tl.where(q > 0, (1.0 - w) * (logq - logm), 0.0)
-        d = tl.where(p > 0, w * p * (logp - logm), 0.0) + q * g
+        g = tl.where(q > 0, -(1.0 - w) * _softplus(log_w - log_1mw + log_r), 0.0)
+        d = tl.where(p > 0, w * p * (logp - logm), 0.0) + tl.where(
+            q > 0, (1.0 - w) * q * (logq - logm), 0.0)
     elif DIV == C_SKEW_FWD:  # m = αp + (1−α)q, D = KL(p‖m)
         logm = _logaddexp(logp + log_w, logq + log_1mw)
         d = tl.where(p > 0, p * (logp - logm), 0.0)
-        g = tl.where(p > 0, -(1.0 - w) * tl.exp(logp - logm), 0.0)
+        g = tl.where(p > 0, -((1.0 - w) / w) * _sigmoid(log_w - log_1mw + log_r), 0.0)
     elif DIV == C_SKEW_REV:  # m = (1−α)p + αq, D = KL(q‖m)
         logm = _logaddexp(logp + log_1mw, logq + log_w)
         d = tl.where(q > 0, q * (logq - logm), 0.0)
-        g = tl.where(q > 0, logq - logm - w * tl.exp(logq - logm), 0.0)
+        x = log_1mw - log_w + log_r
+        g = tl.where(q > 0, _sigmoid(x) - _softplus(x), 0.0)
     else:  # tvd
         d = 0.5 * tl.abs(p - q)
-        g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+        g = tl.where(q > p, 0.0, tl.where(q < p, -1.0, -0.5))
     return d, g
 
 
@@ -115,12 +130,12 @@ def _kd_fwd_kernel(
 
     if valid:
         # ---- pass 1: online max/sum statistics (and the online loss of FWD/TAID)
-        m_a = NEG_INF
+        m_a = float("-inf")
         zp = 0.0
         piv = 0
-        m_b = NEG_INF
+        m_b = float("-inf")
         z_b = 0.0
-        m_x = NEG_INF
+        m_x = float("-inf")
         z_x = 0.0
         acc = 0.0
         for off in range(0, V, BLOCK_V):
@@ -195,7 +210,7 @@ def _kd_fwd_kernel(
                 la = tl.load(s_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp - m_a
                 lb = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp - m_b
                 logq = la - c_a
-                d, g = _pair_terms(logq, lb - c_b, la - lb, w, log_w, log_1mw, DIV)
+                d, g = _pair_terms(logq, lb - c_b, la - lb, c_a - c_b, w, log_w, log_1mw, DIV)
                 is_piv = cols == piv
                 d_acc += tl.where(msk, d, 0.0)
                 qg_acc += tl.where(msk, tl.where(is_piv, 0.0, tl.exp(logq) * g), 0.0)
@@ -240,7 +255,8 @@ def _kd_fwd_kernel(
                         g = q - tl.exp(((1.0 - w) * x * inv_temp + w * b - m_b) - c_b)
                     else:
                         lb = b - m_b
-                        d, gq = _pair_terms(logq, lb - c_b, la - lb, w, log_w, log_1mw, DIV)
+                        d, gq = _pair_terms(logq, lb - c_b, la - lb, c_a - c_b, w, log_w, log_1mw,
+                                            DIV)
                         g = tl.where(cols == piv, g_pivot, q * (gq - g_bar))
                 g = g * c_soft
                 if HARD:
