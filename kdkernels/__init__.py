@@ -1,16 +1,19 @@
 """kdkernels: exact, fused kernels for knowledge-distillation losses at LLM vocabulary sizes."""
 
 from ._backend import BackendUnavailableError
+from .fused_linear import fused_linear_kd_loss
 from .kd import DIVERGENCES, TAIDSchedule, kd_loss
-from .nn import KDLoss
+from .nn import FusedLinearKDLoss, KDLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
     "DIVERGENCES",
+    "FusedLinearKDLoss",
     "KDLoss",
     "TAIDSchedule",
+    "fused_linear_kd_loss",
     "kd_loss",
     "__version__",
 ]

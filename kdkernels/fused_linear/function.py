@@ -1,0 +1,279 @@
+"""`fused_linear_kd_loss`: validation, dispatch and the autograd.Function (SPEC §2).
+
+The whole loss and, when any student tensor needs a gradient, all student gradients are
+computed in the forward pass (chunked, see ops.py); the N x V logits never exist.
+
+Backward by reduction:
+- 'mean' / 'sum': the loss is linear in the per-row losses with one scalar upstream
+  gradient g, so the stored gradients are multiplied by g in place (on the device,
+  skipped when g == 1). Nothing but the returned gradients is kept between passes.
+- 'none': the upstream gradient r_n differs per row and must multiply dZ_n *before* the
+  weight GEMM (grad_W = Σ_n r_n dZ_nᵀ h_n cannot be rebuilt from the unweighted sum), and
+  storing dZ would be the N x V tensor this op exists to avoid. So the forward computes
+  only the losses and the backward recomputes the chunks (both GEMMs and the divergence
+  kernel, a second forward's cost) with r_n folded in. The inputs are kept by reference.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .._backend import resolve_backend
+from .._validate import check_float_tensor, check_int, check_number, check_same_device
+from ..kd.function import mean_scale, prepare_kd_args
+from ..kd.ops import scale_rows_
+from ..kd.params import ZERO, KDParams
+from .chunking import choose_chunk_size
+from .ops import fused_linear_kd_fwd
+
+
+class _LogitsMeta(NamedTuple):
+    """Shape/dtype/device of the virtual logits, for the shared `kd_loss` validation."""
+
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+
+
+class FusedConfig(NamedTuple):
+    prm: KDParams
+    v: int
+    reduction: str
+    backend: str
+    chunk: int
+    s_cap: float  # 0: no softcap
+    s_mult: float
+    t_cap: float
+    t_mult: float
+
+
+def _run(hs, ws, bs, ht, wt, bt, labels, scale, row_scale, loss, gh, gw, gb, cfg: FusedConfig):
+    p = cfg.prm
+    fused_linear_kd_fwd(hs, ws, bs, ht, wt, bt, labels, scale, row_scale, loss, gh, gw, gb,
+                        cfg.backend, cfg.chunk, cfg.s_cap, cfg.s_mult, cfg.t_cap, cfg.t_mult,
+                        p.div, p.inv_temp, p.w, p.soft_w, p.hard_w, p.ignore_index, cfg.v)
+
+
+def _grad_buffers(hs, ws, bs, need, v):
+    """grad_h [N, H_s] (hs' dtype), float32 (float64 for float64) accumulators for W and b."""
+    need_h, need_w, need_b = need
+    empty = hs.new_empty(0)
+    acc_dt = torch.float64 if ws.dtype == torch.float64 else torch.float32
+    gh = torch.empty_like(hs) if need_h else empty
+    gw = torch.zeros(ws.shape, dtype=acc_dt, device=ws.device) if need_w else None
+    gb = torch.zeros(bs.shape, dtype=acc_dt, device=bs.device) if need_b else None
+    return gh, gw, gb, (gw[:v] if need_w else empty), (gb[:v] if need_b else empty)
+
+
+def _finish(acc, like):
+    """The float32 accumulator, cast once to the parameter's dtype (no copy when equal)."""
+    return None if acc is None else acc.to(like.dtype)
+
+
+class FusedLinearKDFunction(torch.autograd.Function):
+    """Inputs: hs [N, H_s], ws [V_s, H_s], bs [V_s] | None, ht [N, H_t] and wt [V_t, H_t] and
+    bt [V_t] | None (constants), labels [N] | None, scale 0-dim float32, cfg, need (3 bools).
+    """
+
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, scale, cfg: FusedConfig, need):
+        n = hs.shape[0]
+        loss = torch.empty(n, dtype=torch.float32, device=hs.device)
+        ctx.cfg, ctx.need = cfg, need
+        ctx.consumed = False
+        if cfg.reduction == "none":
+            empty = hs.new_empty(0)
+            _run(hs, ws, bs, ht, wt, bt, labels, scale, None, loss, empty, empty, empty, cfg)
+            ctx.save_for_backward(hs, ws, bs, ht, wt, bt, labels)
+            return loss
+        gh, gw, gb, gw_v, gb_v = _grad_buffers(hs, ws, bs, need, cfg.v)
+        _run(hs, ws, bs, ht, wt, bt, labels, scale, None, loss, gh, gw_v, gb_v, cfg)
+        gw, gb = _finish(gw, ws), _finish(gb, bs)
+        ctx.save_for_backward(gh if need[0] else None, gw, gb)
+        total = loss.sum()
+        return total * scale if cfg.reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        cfg, need = ctx.cfg, ctx.need
+        if cfg.reduction == "none":
+            hs, ws, bs, ht, wt, bt, labels = ctx.saved_tensors
+            gh, gw, gb, gw_v, gb_v = _grad_buffers(hs, ws, bs, need, cfg.v)
+            ones = torch.ones((), dtype=torch.float32, device=hs.device)
+            scratch = torch.empty(hs.shape[0], dtype=torch.float32, device=hs.device)
+            row_scale = grad_out.reshape(-1).to(torch.float32).contiguous()
+            _run(hs, ws, bs, ht, wt, bt, labels, ones, row_scale, scratch, gh, gw_v, gb_v, cfg)
+            gh = gh if need[0] else None
+            gw, gb = _finish(gw, ws), _finish(gb, bs)
+        else:
+            if ctx.consumed:
+                raise RuntimeError(
+                    "fused_linear_kd_loss: backward was called twice through the same graph; "
+                    "the stored gradients are rescaled in place. Recompute the loss instead "
+                    "of retain_graph=True."
+                )
+            ctx.consumed = True
+            gh, gw, gb = ctx.saved_tensors
+            g = grad_out.to(torch.float32).contiguous()
+            kd_backend = cfg.backend
+            for t in (gh, gw, gb):
+                if t is not None and t.numel() > 0:
+                    scale_rows_(t.view(-1, t.shape[-1]), g, kd_backend)
+        return gh, gw, gb, None, None, None, None, None, None, None
+
+
+def _check_head(prefix, hidden, weight, bias):
+    h = check_float_tensor(f"{prefix}_hidden", hidden)
+    w = check_float_tensor(f"{prefix}_weight", weight, min_dim=2)
+    if w.dim() != 2:
+        raise ValueError(
+            f"{prefix}_weight must be 2-D [vocab, hidden], got shape {tuple(w.shape)}"
+        )
+    if h.shape[-1] != w.shape[1]:
+        raise ValueError(
+            f"{prefix}_hidden has hidden size {h.shape[-1]} but {prefix}_weight has shape "
+            f"{tuple(w.shape)}; the weight must be [vocab, {h.shape[-1]}] (the lm_head's "
+            "weight, as nn.Linear stores it)"
+        )
+    if h.dtype != w.dtype:
+        raise TypeError(
+            f"{prefix}_hidden ({h.dtype}) and {prefix}_weight ({w.dtype}) must have the same "
+            "dtype (the matmul takes one operand dtype); cast one of them"
+        )
+    if bias is not None:
+        b = check_float_tensor(f"{prefix}_bias", bias)
+        if tuple(b.shape) != (w.shape[0],):
+            raise ValueError(
+                f"{prefix}_bias must have shape ({w.shape[0]},) to match {prefix}_weight "
+                f"{tuple(w.shape)}, got {tuple(b.shape)}"
+            )
+        if b.dtype != w.dtype:
+            raise TypeError(
+                f"{prefix}_bias ({b.dtype}) must have {prefix}_weight's dtype ({w.dtype})"
+            )
+    return h, w
+
+
+def _check_cap(name, cap) -> float:
+    if cap is None:
+        return 0.0
+    return check_number(name, cap, lo=0.0, lo_open=True)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def fused_linear_kd_loss(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    labels=None,
+    *,
+    student_bias=None,
+    teacher_bias=None,
+    student_softcap=None,
+    teacher_softcap=None,
+    student_logit_scale=1.0,
+    teacher_logit_scale=1.0,
+    divergence="forward_kl",
+    beta=0.5,
+    alpha=0.1,
+    taid_t=None,
+    temperature=1.0,
+    ignore_index=-100,
+    reduction="mean",
+    normalizer=None,
+    hard_label_weight=0.0,
+    soft_label_weight=1.0,
+    vocab_mismatch="error",
+    chunk_size=None,
+    backend="auto",
+):
+    """KD loss on the logits of two linear heads, without materialising them (SPEC §2).
+
+    Equal to `kd_loss(S, T, labels, ...)` with S = f_s(student_hidden @ student_weightᵀ +
+    student_bias) and T = f_t(teacher_hidden @ teacher_weightᵀ + teacher_bias), where
+    f(x) = c·tanh(m·x/c) with softcap c, else m·x (m the logit scale). Only a chunk of
+    `chunk_size` token rows of logits exists at a time (see docs/fused_linear.md).
+
+    Args:
+        student_hidden: [..., H_s] float tensor; gets a gradient when it requires one.
+        student_weight: [V_s, H_s], same dtype as student_hidden; gets a float32-accumulated
+            gradient when it requires one (a frozen head costs no weight-gradient work).
+        teacher_hidden: [..., H_t] float tensor, same leading shape; a constant.
+        teacher_weight: [V_t, H_t], same dtype as teacher_hidden; a constant.
+        labels: optional [...] integer tensor; `ignore_index` rows are ignored.
+        student_bias: optional [V_s] (student_weight's dtype); teacher_bias: optional [V_t].
+        student_softcap, teacher_softcap: None or c > 0 (Gemma-style logit softcapping).
+        student_logit_scale, teacher_logit_scale: finite m (applied inside the softcap).
+        divergence, beta, alpha, taid_t, temperature, ignore_index, reduction, normalizer,
+        hard_label_weight, soft_label_weight, vocab_mismatch: as in `kd_loss` (SPEC §1).
+        chunk_size: token rows per chunk (int >= 1); default from the vocabulary, hidden
+            sizes, dtypes and KDKERNELS_FUSED_CHUNK_BUDGET_MB (256 MiB), not from N.
+        backend: 'auto' | 'torch' | 'triton'.
+
+    Returns:
+        float32 loss: a scalar, or [...] per-row losses for reduction='none'.
+    """
+    hs, ws = _check_head("student", student_hidden, student_weight, student_bias)
+    ht, wt = _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    device = check_same_device(
+        student_hidden=hs, student_weight=ws, student_bias=student_bias, teacher_hidden=ht,
+        teacher_weight=wt, teacher_bias=teacher_bias,
+    )
+    s_meta = _LogitsMeta(tuple(hs.shape[:-1]) + (ws.shape[0],), ws.dtype, device)
+    t_meta = _LogitsMeta(tuple(ht.shape[:-1]) + (wt.shape[0],), wt.dtype, device)
+    prm, v, normalizer = prepare_kd_args(
+        s_meta, t_meta, labels, divergence=divergence, beta=beta, alpha=alpha, taid_t=taid_t,
+        temperature=temperature, ignore_index=ignore_index, reduction=reduction,
+        normalizer=normalizer, hard_label_weight=hard_label_weight,
+        soft_label_weight=soft_label_weight, vocab_mismatch=vocab_mismatch,
+        student_name="student_hidden", teacher_name="teacher_hidden",
+    )
+    s_cap = _check_cap("student_softcap", student_softcap)
+    t_cap = _check_cap("teacher_softcap", teacher_softcap)
+    s_mult = check_number("student_logit_scale", student_logit_scale)
+    t_mult = check_number("teacher_logit_scale", teacher_logit_scale)
+    if chunk_size is None:
+        chunk = choose_chunk_size(
+            v, hs.shape[-1], ht.shape[-1], ws.dtype, wt.dtype, student_softcap=s_cap > 0,
+            need_teacher=prm.div != ZERO,
+        )
+    else:
+        chunk = check_int("chunk_size", chunk_size, lo=1)
+    be = resolve_backend(backend, device, op="fused_linear_kd_loss")
+
+    lead = hs.shape[:-1]
+    grad_on = torch.is_grad_enabled()
+    bs = student_bias
+    need = (
+        grad_on and hs.requires_grad,
+        grad_on and ws.requires_grad,
+        grad_on and bs is not None and bs.requires_grad,
+    )
+    hs2 = _rows(hs)
+    ht2 = _rows(ht.detach())
+    wt, bt = wt.detach(), teacher_bias.detach() if teacher_bias is not None else None
+    y = labels.reshape(-1).contiguous() if labels is not None else None
+    n = hs2.shape[0]
+    if reduction == "mean":
+        scale = mean_scale(y, n, normalizer, prm.ignore_index, device)
+    else:
+        scale = torch.ones((), dtype=torch.float32, device=device)
+    cfg = FusedConfig(prm, v, reduction, be, chunk, s_cap, s_mult, t_cap, t_mult)
+    if any(need):
+        out = FusedLinearKDFunction.apply(hs2, ws, bs, ht2, wt, bt, y, scale, cfg, need)
+    else:
+        loss = torch.empty(n, dtype=torch.float32, device=device)
+        empty = hs2.new_empty(0)
+        _run(hs2.detach(), ws.detach(), bs.detach() if bs is not None else None, ht2, wt, bt,
+             y, scale, None, loss, empty, empty, empty, cfg)
+        if reduction == "none":
+            out = loss
+        else:
+            out = loss.sum() * scale if reduction == "mean" else loss.sum()
+    return out.reshape(lead) if reduction == "none" else out

@@ -1,0 +1,219 @@
+"""The chunked forward of the fused linear KD loss, as a `torch.library` custom op.
+
+Per chunk of C token rows (n0 .. n0+C):
+
+  Z_t = h_t W_tᵀ + b_t,  T = f_t(Z_t)                  (teacher logits, C x v)
+  Z_s = h_s W_sᵀ + b_s,  S = f_s(Z_s)                  (student logits, C x v)
+  kd_fwd(S, T) -> per-row losses L_n and, in place in S, dS = scale·∂L_n/∂S
+  dZ = dS · f_s'(Z_s) · r_n                            (chain rule; r_n per-row upstream)
+  grad_h[n0:n0+C] = dZ W_s        grad_W += dZᵀ h_s    grad_b += Σ_rows dZ
+
+with f(z) = c·tanh(m·z/c) when a softcap c is given (f' = m·sech²(m·z/c)), else m·z
+(f' = m, folded into the GEMMs' alpha). `scale` is the mean's 1/denominator over *all*
+rows, so the chunks' gradients simply add up. The softcap's argument u = m·z/c comes
+straight out of the GEMM (alpha = beta = m/c), so only one extra C x v buffer (u, kept
+for f') exists, and only when the student has a softcap.
+
+GEMMs run in the weights' dtype (cuBLAS: bf16/fp16 operands, float32 accumulation). The
+weight and bias gradients accumulate across chunks in float32 buffers supplied by the
+caller. Registered as a custom op (out-variant, fake implementation), the whole loop is
+opaque to `torch.compile`: no graph break, no recompilation when N changes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kd.ops import kd_fwd
+from ..kd.params import ZERO
+
+_BLOCK_ELEMS = 1 << 20  # element-wise torch ops run on row blocks of about this size
+_CUDA_OUT_DTYPE_GEMM = [True]  # addmm(..., out_dtype=float32) works here (until it raises)
+
+
+def _row_blocks(m: int, v: int):
+    rows = max(1, _BLOCK_ELEMS // max(v, 1))
+    for r0 in range(0, m, rows):
+        yield r0, min(m, r0 + rows)
+
+
+def _cdt(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _sech2_torch(u: torch.Tensor) -> torch.Tensor:
+    e = torch.exp(-2.0 * u.abs())
+    return 4.0 * e / (1.0 + e).square()
+
+
+def softcap_fwd_torch(u: torch.Tensor, out: torch.Tensor, cap: float) -> None:
+    """out[M, V] = cap·tanh(u[M, V]), computed in float32 (float64 for float64)."""
+    for r0, r1 in _row_blocks(u.shape[0], u.shape[1]):
+        out[r0:r1] = torch.tanh(u[r0:r1].to(_cdt(u))) * cap
+
+
+def softcap_bwd_torch(g: torch.Tensor, u, k: float, row_scale) -> None:
+    """g[M, V] *= k·sech²(u) (when u is given) · row_scale[M, None] (when given), in place."""
+    if u is None and row_scale is None:
+        return
+    for r0, r1 in _row_blocks(g.shape[0], g.shape[1]):
+        x = g[r0:r1].to(_cdt(g))
+        if u is not None:
+            x = x * (k * _sech2_torch(u[r0:r1].to(_cdt(g))))
+        if row_scale is not None:
+            x = x * row_scale[r0:r1].to(x.dtype).unsqueeze(-1)
+        g[r0:r1] = x
+
+
+def _softcap_fwd(u, out, cap, backend):
+    if backend == "triton":
+        from .triton import softcap_fwd_triton
+
+        softcap_fwd_triton(u, out, cap)
+    else:
+        softcap_fwd_torch(u, out, cap)
+
+
+def _softcap_bwd(g, u, k, row_scale, backend):
+    if backend == "triton":
+        from .triton import softcap_bwd_triton
+
+        softcap_bwd_triton(g, u, k, row_scale)
+    else:
+        softcap_bwd_torch(g, u, k, row_scale)
+
+
+def _logits(h, w, b, alpha: float, out: torch.Tensor) -> None:
+    """out[C, v] = alpha·(h[C, H] @ w[v, H]ᵀ + b[v]) in one GEMM (alpha in the epilogue)."""
+    if b is not None:
+        torch.addmm(b, h, w.t(), beta=alpha, alpha=alpha, out=out)
+    elif alpha == 1.0:
+        torch.mm(h, w.t(), out=out)
+    else:
+        torch.addmm(out, h, w.t(), beta=0.0, alpha=alpha, out=out)  # beta=0: out not read
+
+
+def _accumulate_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    """acc[P, Q] (float32/64) += alpha·a[P, K] @ b[K, Q], with float32-or-wider accumulation."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b, alpha=alpha)
+        return
+    if a.is_cuda and _CUDA_OUT_DTYPE_GEMM[0]:
+        try:  # cuBLAS: 16-bit operands, float32 accumulator read and written in place
+            torch.addmm(acc, a, b, torch.float32, alpha=alpha, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            _CUDA_OUT_DTYPE_GEMM[0] = False  # older torch: fall through, once
+    rows = max(1, _BLOCK_ELEMS // max(acc.shape[1], 1))
+    if a.is_cuda:
+        # One GEMM per row block (float32 accumulation inside), rounded once, added in float32.
+        for r0 in range(0, a.shape[0], rows):
+            acc[r0 : r0 + rows].add_(torch.mm(a[r0 : r0 + rows], b), alpha=alpha)
+    else:
+        b32 = b.to(acc.dtype)
+        for r0 in range(0, a.shape[0], rows):
+            acc[r0 : r0 + rows].addmm_(a[r0 : r0 + rows].to(acc.dtype), b32, alpha=alpha)
+
+
+@torch.library.custom_op(
+    "kdkernels::fused_linear_kd_fwd", mutates_args=("loss", "grad_h", "grad_w", "grad_b")
+)
+def fused_linear_kd_fwd(
+    hs: torch.Tensor,
+    ws: torch.Tensor,
+    bs: torch.Tensor | None,
+    ht: torch.Tensor,
+    wt: torch.Tensor,
+    bt: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    scale: torch.Tensor,
+    row_scale: torch.Tensor | None,
+    loss: torch.Tensor,
+    grad_h: torch.Tensor,
+    grad_w: torch.Tensor,
+    grad_b: torch.Tensor,
+    backend: str,
+    chunk: int,
+    s_cap: float,
+    s_mult: float,
+    t_cap: float,
+    t_mult: float,
+    div: int,
+    inv_temp: float,
+    w: float,
+    soft_w: float,
+    hard_w: float,
+    ignore_index: int,
+    v: int,
+) -> None:
+    """Per-row losses into loss[N] and the student gradients, chunk by chunk.
+
+    hs: [N, H_s] student hidden rows; ws: [V_s, H_s]; bs: [V_s] or None.
+    ht: [N, H_t] teacher hidden rows; wt: [V_t, H_t]; bt: [V_t] or None.
+    labels: [N] or None; scale: 0-dim float32 (multiplies every gradient);
+    row_scale: [N] float32 or None (per-row upstream gradient, for reduction='none').
+    loss: [N] float32 (unscaled per-row losses). Gradients of Σ_n scale·r_n·L_n, each
+    skipped when its buffer is empty: grad_h [N, H_s] (hs' dtype, overwritten), grad_w
+    [v, H_s] float32 and grad_b [v] float32 (accumulated into). s_cap/t_cap: softcap c,
+    0 for none; s_mult/t_mult: logit scale m. v: vocabulary columns used (<= V_s, V_t).
+    """
+    n = hs.shape[0]
+    rows = min(chunk, n)
+    if rows == 0:
+        return
+    want_h, want_w, want_b = grad_h.numel() > 0, grad_w.numel() > 0, grad_b.numel() > 0
+    want_grad = want_h or want_w or want_b
+    need_teacher = div != ZERO
+    ws_v, wt_v = ws[:v], wt[:v]
+    bs_v = bs[:v] if bs is not None else None
+    bt_v = bt[:v] if bt is not None else None
+    s_buf = torch.empty(rows, v, dtype=ws.dtype, device=hs.device)
+    t_buf = torch.empty(rows, v, dtype=wt.dtype, device=hs.device) if need_teacher else s_buf
+    u_buf = torch.empty(rows, v, dtype=ws.dtype, device=hs.device) if s_cap > 0 else None
+    no_grad = s_buf.new_empty(0)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        m = r1 - r0
+        h = hs[r0:r1]
+        s_blk = s_buf[:m]
+        t_blk = t_buf[:m]
+        if need_teacher:
+            if t_cap > 0:
+                _logits(ht[r0:r1], wt_v, bt_v, t_mult / t_cap, t_blk)
+                _softcap_fwd(t_blk, t_blk, t_cap, backend)
+            else:
+                _logits(ht[r0:r1], wt_v, bt_v, t_mult, t_blk)
+        if s_cap > 0:
+            u_blk = u_buf[:m]
+            _logits(h, ws_v, bs_v, s_mult / s_cap, u_blk)
+            _softcap_fwd(u_blk, s_blk, s_cap, backend)
+        else:
+            u_blk = None
+            _logits(h, ws_v, bs_v, s_mult, s_blk)
+        y = labels[r0:r1] if labels is not None else None
+        # The divergence kernel reads each logit before overwriting it with its gradient.
+        kd_fwd(s_blk, t_blk, y, scale, loss[r0:r1], s_blk if want_grad else no_grad, backend,
+               div, inv_temp, w, soft_w, hard_w, ignore_index, v)
+        if not want_grad:
+            continue
+        rs = row_scale[r0:r1] if row_scale is not None else None
+        if u_blk is not None:  # dZ = dS · m·sech²(u) · r  (in place)
+            _softcap_bwd(s_blk, u_blk, s_mult, rs, backend)
+            alpha = 1.0
+        else:  # dZ = m · dS · r; m goes into the GEMMs' alpha
+            _softcap_bwd(s_blk, None, 1.0, rs, backend)
+            alpha = s_mult
+        if want_h:
+            g = grad_h[r0:r1]
+            torch.addmm(g, s_blk, ws_v, beta=0.0, alpha=alpha, out=g)  # beta=0: g not read
+        if want_w:
+            _accumulate_f32(grad_w, s_blk.t(), h, alpha)
+        if want_b:
+            grad_b.add_(s_blk.sum(0, dtype=grad_b.dtype), alpha=alpha)
+
+
+@fused_linear_kd_fwd.register_fake
+def _fused_linear_kd_fwd_fake(hs, ws, bs, ht, wt, bt, labels, scale, row_scale, loss, grad_h,
+                              grad_w, grad_b, backend, chunk, s_cap, s_mult, t_cap, t_mult, div,
+                              inv_temp, w, soft_w, hard_w, ignore_index, v):
+    return None
