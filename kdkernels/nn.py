@@ -8,6 +8,8 @@ import torch
 
 from .fused_linear.module import FusedLinearKDLoss
 from .kd import kd_loss
+from .pld.module import PlackettLuceLoss
+from .topk.module import TopKKDLoss
 
 _KD_KEYWORDS = tuple(
     name for name, p in inspect.signature(kd_loss).parameters.items()
@@ -42,4 +44,4 @@ class KDLoss(torch.nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
 
 
-__all__ = ["KDLoss", "FusedLinearKDLoss"]
+__all__ = ["KDLoss", "FusedLinearKDLoss", "PlackettLuceLoss", "TopKKDLoss"]

@@ -18,11 +18,12 @@ For j ≥ K the gradient is exp(s_v + c_{K−1}), which needs no ranking: only t
 positions of π are ever built, and the suffix sums beyond them collapse into one
 log-sum-exp over the unranked tail, LSE_k = logaddexp(LSE_tail, LSE over π_k..π_{K−1}).
 
-Ranking. K = V (or K close to V) uses one stable descending sort of the teacher row
-(stable keeps the lower index first among ties). A small K uses `topk` only for the
-K-th largest value θ, then selects every class with t > θ and the lowest-index classes
-with t == θ until K are chosen, and stable-sorts those K: deterministic, O(V + K log K).
-With labels the label is moved to (or inserted at) the front of that list.
+Ranking. Teacher logits of at most 32 bits are packed with their class index into one
+unique int64 key (monotone float bits high, 2³² − 1 − index low), so a plain sort
+(K close to V) or `topk` (small K, O(V + K log K)) yields the tie-broken order directly.
+float64 teachers use a stable sort, or for small K the K-th largest value θ, every class
+above it and the lowest-index ties at θ, stable-sorted. With labels the label is moved
+to (or inserted at) the front of that list.
 
 Precision: all arithmetic per chunk is float64, whatever the input dtype, so the float32
 result is the float64 result rounded once. Memory: a chunk of rows at a time, so the
@@ -39,16 +40,37 @@ _NEG_INF = float("-inf")
 _FULL_SORT_FRACTION = 0.25
 
 
+def _order_key(t: torch.Tensor) -> torch.Tensor | None:
+    """int64 key, larger = ranked earlier, unique per row: (t descending, index ascending).
+
+    The float32 bit pattern made monotone in the high 32 bits, 2³² − 1 − index in the low
+    32 bits; −0.0 is folded into +0.0 first so equal values stay ties. t: [R, V] of at most
+    32 bits (float16/bfloat16 embed exactly in float32); None for float64.
+    """
+    if t.dtype == torch.float64:
+        return None
+    bits = (t.float() + 0.0).view(torch.int32)
+    mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse their order
+    low = 0xFFFFFFFF - torch.arange(t.shape[1], device=t.device)
+    return (mono.long() << 32) | low
+
+
 def _top_ranked(t: torch.Tensor, k: int) -> torch.Tensor:
     """First k class indices per row by (descending t, ascending index). t: [R, V] -> [R, k]."""
     v = t.shape[1]
-    if k >= _FULL_SORT_FRACTION * v:
+    full = k >= _FULL_SORT_FRACTION * v
+    key = _order_key(t)
+    if key is not None:  # unique keys: any sort or topk is deterministic
+        if full:
+            return torch.sort(key, dim=1, descending=True).indices[:, :k]
+        return torch.topk(key, k, dim=1, sorted=True).indices
+    if full:
         return torch.sort(t, dim=1, descending=True, stable=True).indices[:, :k]
+    # float64: the K-th largest value θ, every class above it, then the lowest-index ties
     theta = torch.topk(t, k, dim=1, sorted=False).values.amin(1, keepdim=True)
     above = t > theta
     n_above = above.sum(1, keepdim=True)
     tie = t == theta
-    # lowest-index ties fill the k − n_above remaining places
     take_tie = tie & (torch.cumsum(tie, 1) <= k - n_above)
     # the k chosen indices in ascending order (exactly k per row; no nonzero, no host sync)
     key = torch.where(above | take_tie, v - torch.arange(v, device=t.device), 0)
@@ -97,18 +119,16 @@ def pld_fwd_torch(s, t, labels, scale, loss_out, grad_out, inv_temp: float, top_
             valid = y != ignore_index
             # ignored rows keep the teacher's order (their loss is zeroed below)
             top = _label_first(top, torch.where(valid, y, top[:, 0]))
-        x = s[r0:r1].to(f64)
+        x = s[r0:r1].to(f64, copy=True)  # modified in place below
         b = tc.to(f64) * inv_temp
-        lse_b = torch.logsumexp(b, 1, keepdim=True)
-        logw = b.gather(1, top) - lse_b  # log softmax(t/τ)[π_k], k < K
+        logw = b.gather(1, top).sub_(torch.logsumexp(b, 1, keepdim=True))  # log w_k, k < K
         del b
         w = logw.exp()
         xs = x.gather(1, top)  # s[π_k]
         lse = torch.logcumsumexp(xs.flip(1), 1).flip(1)  # suffix LSE within the first K
         if k < v:
-            tail = x.scatter(1, top, _NEG_INF)
-            lse = torch.logaddexp(lse, torch.logsumexp(tail, 1, keepdim=True))
-            del tail
+            x.scatter_(1, top, _NEG_INF)  # x now holds the unranked tail only
+            lse = torch.logaddexp(lse, torch.logsumexp(x, 1, keepdim=True))
         has_w = w > 0  # 0 · (LSE − s) = 0 even where both are -inf
         loss = torch.where(has_w, w * (lse - xs), 0.0).sum(1)
         if valid is not None:
@@ -117,9 +137,9 @@ def pld_fwd_torch(s, t, labels, scale, loss_out, grad_out, inv_temp: float, top_
         if not want_grad:
             continue
         c = torch.logcumsumexp(torch.where(has_w, logw - lse, _NEG_INF), 1)
-        g = torch.exp(x + c[:, k - 1 :])  # unranked tail: exp(s_v + c_{K−1})
+        g = x.add_(c[:, k - 1 :]).exp_() if k < v else x  # tail: exp(s_v + c_{K−1})
         g.scatter_(1, top, torch.exp(xs + c) - w)
         g.mul_(scale64)
-        if valid is not None:
-            g = torch.where(valid.unsqueeze(1), g, 0.0)
+        if valid is not None:  # a fill, not a product: ignored rows stay 0 even if inf/NaN
+            g.masked_fill_(~valid.unsqueeze(1), 0.0)
         grad_out[r0:r1] = g

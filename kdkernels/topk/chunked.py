@@ -1,0 +1,137 @@
+"""The `torch` backend of `topk_kd_loss`: exact PyTorch, chunked over rows.
+
+Entries. Each row has k teacher entries (class indices, −1 = padding) and, with
+tail="bucket", one more entry for the rest of the vocabulary. Both models become
+distributions over those entries; with a = s/τ:
+  renormalize: log q_i = a[idx_i] − LSE_j a[idx_j]          (softmax over the k entries)
+               log p_i = u_i − LSE_j u_j, u = values/τ (logits) or values (logprobs, τ = 1)
+  bucket:      log q_i = a[idx_i] − LSE_v a_v,  log q_tail = LSE_{v∉idx} a_v − LSE_v a_v
+               log p_i = values_i,              log p_tail = log(1 − Σ_i exp(values_i))
+(the tail terms in log space, so no 1 − Σ cancellation on the student side; when all
+V classes are selected the tail is empty and p_tail = 0, whatever rounding left in Σ).
+
+Gradient. Every entry e is a set of classes (one class, or the tail set), and q_e is
+the softmax mass of that set. With h_e = q_e ∂D/∂q_e (stable forms below) and
+r_e = h_e − q_e Σ_e' h_e' (the gradient with respect to the entry's log-mass),
+    ∂D/∂a_v = r_{e(v)} · exp(a_v − LSE_{u∈e(v)} a_u),
+i.e. r_e itself for a selected class and r_tail times the within-tail softmax for the
+others (no division by a possibly underflowed q_tail). ∂D/∂s = ∂D/∂a / τ.
+  forward KL  D = Σ p log(p/q)                   h = −p
+  reverse KL  D = Σ q log(q/p)                   h = q log(q/p)
+  jsd         D = β Σ p log(p/m) + (1−β) Σ q log(q/m), m = βp + (1−β)q
+                                                 h = (1−β) q log(q/m)
+(constants dropped from ∂D/∂q: they cancel in r). 0·log 0 = 0 throughout.
+
+Cost: renormalize touches only the k gathered logits (O(N·k), plus zero-filling the
+gradient); bucket needs one pass over the full row (O(N·V)). Arithmetic is float64
+per chunk; the temporaries are a few chunk × V (bucket) or chunk × k blocks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+CHUNK_ELEMS = 1 << 19  # elements per chunk × V block (4 MiB in float64)
+_NEG_INF = float("-inf")
+
+# divergence codes
+FWD_KL, REV_KL, JSD = 0, 1, 2
+
+
+def _xlog(x, logx, logy):
+    """x (log x − log y), 0 where x == 0."""
+    return torch.where(x > 0, x * (logx - logy), 0.0)
+
+
+def _log_normalize(u, dim=1):
+    """u − LSE(u); entries stay -inf when the whole slice is -inf (no NaN)."""
+    lse = torch.logsumexp(u, dim, keepdim=True)
+    return torch.where(lse == _NEG_INF, _NEG_INF, u - lse)
+
+
+def _div_terms(code: int, beta: float, lp, lq):
+    """Per-entry (d, h): d sums to D, h = q ∂D/∂q up to a multiple of q."""
+    p, q = lp.exp(), lq.exp()
+    if code == FWD_KL:
+        return _xlog(p, lp, lq), -p
+    if code == REV_KL:
+        d = _xlog(q, lq, lp)
+        return d, d
+    logm = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+    hq = (1 - beta) * _xlog(q, lq, logm)
+    return beta * _xlog(p, lp, logm) + hq, hq
+
+
+def topk_kd_fwd_torch(s, idx, vals, labels, scale, loss_out, grad_out, *, code: int,
+                      beta: float, inv_temp: float, logprobs: bool, bucket: bool,
+                      ignore_index: int) -> None:
+    """Fill loss_out[N] (float32, 0 at ignored rows) and, if grad_out is non-empty,
+    grad_out[N, V] = scale·∂L_n/∂s (0 at ignored rows).
+
+    s: [N, V] student logits; idx: [N, k] int (−1 = padding, others unique in [0, V));
+    vals: [N, k] teacher logits or log-probabilities; labels: [N] or None;
+    scale: 0-dim float tensor. `code` is FWD_KL, REV_KL or JSD with 0 < beta < 1.
+    """
+    n, v = s.shape
+    want_grad = grad_out.numel() > 0
+    rows = max(1, CHUNK_ELEMS // (v if bucket else idx.shape[1]))
+    f64 = torch.float64
+    scale64 = scale.to(device=s.device, dtype=f64)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        ix = idx[r0:r1].long()
+        pad = ix < 0
+        ix = ix.clamp_min(0)
+        u = vals[r0:r1].to(f64)
+        if not logprobs:
+            u = u * inv_temp
+        u = u.masked_fill(pad, _NEG_INF)
+        if bucket:
+            a = s[r0:r1].to(f64, copy=True)  # becomes the tail in place
+            if inv_temp != 1.0:
+                a.mul_(inv_temp)
+            a_sel = a.gather(1, ix).masked_fill_(pad, _NEG_INF)
+            # mask the selected classes out of `a`: padding slots repeat the row's first
+            # selected class (same -inf write); an all-padding row rewrites a[0] unchanged
+            first = ix.gather(1, (~pad).int().argmax(1, keepdim=True))
+            none = pad.all(1, keepdim=True)
+            ix_m = torch.where(pad, first, ix)
+            a.scatter_(1, ix_m, torch.where(none, a.gather(1, ix_m), _NEG_INF))
+            lse_tail = torch.logsumexp(a, 1, keepdim=True)
+            lse_all = torch.logaddexp(lse_tail, torch.logsumexp(a_sel, 1, keepdim=True))
+            lq = torch.cat([a_sel, lse_tail], 1) - lse_all
+            # log(1 − Σ p_i) = log(−expm1(LSE u)), the mass the teacher left to the tail
+            lse_u = torch.logsumexp(u, 1, keepdim=True).clamp_max(0.0)
+            lp_tail = torch.log(-torch.expm1(lse_u))
+            # every class selected: the tail is the empty set, whatever rounding left in Σ p
+            full = (~pad).sum(1, keepdim=True) == v
+            lp = torch.cat([u, lp_tail.masked_fill(full, _NEG_INF)], 1)
+        else:
+            a_sel = s[r0:r1].gather(1, ix).to(f64) * inv_temp
+            lq = _log_normalize(a_sel.masked_fill(pad, _NEG_INF))
+            lp = _log_normalize(u)
+        d, h = _div_terms(code, beta, lp, lq)
+        loss = d.sum(1)
+        valid = None
+        if labels is not None:
+            valid = labels[r0:r1] != ignore_index
+            loss = torch.where(valid, loss, 0.0)
+        loss_out[r0:r1] = loss.float()
+        if not want_grad:
+            continue
+        r = h - lq.exp() * h.sum(1, keepdim=True)  # ∂D/∂(log q_e)
+        r = r * (scale64 * inv_temp)
+        if valid is not None:  # a fill, not a product: ignored rows stay 0 even if inf/NaN
+            r = torch.where(valid.unsqueeze(1), r, 0.0)
+        if bucket:
+            # tail classes: r_tail · softmax within the tail; selected classes: r_i
+            # (an empty or all -inf tail has a = -inf everywhere: exp gives 0)
+            g = a.sub_(lse_tail.clamp_min(torch.finfo(f64).min)).exp_().mul_(r[:, -1:])
+            g.scatter_add_(1, ix, r[:, :-1].masked_fill(pad, 0.0))
+            grad_out[r0:r1] = g
+        else:
+            blk = grad_out[r0:r1]
+            blk.zero_()
+            blk.scatter_add_(1, ix, r.masked_fill(pad, 0.0).to(blk.dtype))

@@ -1,0 +1,224 @@
+"""`topk_kd_loss`: validation, backend dispatch and the autograd.Function (SPEC §5)."""
+
+from __future__ import annotations
+
+import torch
+
+from .._backend import resolve_backend
+from .._validate import (
+    check_choice,
+    check_float_tensor,
+    check_int,
+    check_int_tensor,
+    check_labels,
+    check_normalizer,
+    check_number,
+    check_reduction,
+    check_same_device,
+)
+from ..kd.function import mean_scale
+from ..kd.ops import scale_rows_
+from .chunked import FWD_KL, JSD, REV_KL
+from .ops import topk_kd_fwd
+
+TOPK_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+VALUES = ("logits", "logprobs")
+TAILS = ("renormalize", "bucket")
+# Slack for log-probabilities rounded in low precision: Σ exp(values) may exceed 1 by this.
+_LOGPROB_SLACK = 1e-2
+
+
+class TopKKDFunction(torch.autograd.Function):
+    """Forward computes the per-row losses and (if needed) the scaled gradient in one pass
+    over the rows; backward only rescales the stored gradient by the upstream gradient.
+
+    Inputs: s [N, V] (unit column stride), idx [N, k], vals [N, k], labels [N] or None,
+    scale 0-dim float32 (1/denominator for mean, else 1).
+    """
+
+    @staticmethod
+    def forward(ctx, s, idx, vals, labels, scale, code: int, beta: float, inv_temp: float,
+                logprobs: bool, bucket: bool, ignore_index: int, reduction: str, backend: str):
+        n = s.shape[0]
+        loss = torch.empty(n, dtype=torch.float32, device=s.device)
+        grad = torch.empty_like(s) if ctx.needs_input_grad[0] else s.new_empty(0)
+        if n > 0:
+            topk_kd_fwd(s, idx, vals, labels, scale, loss, grad, backend, code, beta, inv_temp,
+                        logprobs, bucket, ignore_index)
+        ctx.save_for_backward(grad)
+        ctx.backend = backend
+        ctx.consumed = False
+        if reduction == "none":
+            return loss
+        total = loss.sum()
+        return total * scale if reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.consumed:
+            raise RuntimeError(
+                "topk_kd_loss: backward was called twice through the same graph; the stored "
+                "gradient is rescaled in place. Recompute the loss instead of "
+                "retain_graph=True."
+            )
+        ctx.consumed = True
+        (grad,) = ctx.saved_tensors
+        if grad.numel() > 0:
+            scale_rows_(grad, grad_out.float().contiguous(), ctx.backend)
+        return (grad,) + (None,) * 12
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    return x.reshape(-1, x.shape[-1])
+
+
+def _check_indices(idx: torch.Tensor, v: int) -> None:
+    """Values in [−1, V), no class twice in a row (CPU tensors only: no host sync on GPU;
+    skipped while torch.compile traces, where values are not known)."""
+    if idx.device.type != "cpu" or idx.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = (idx < -1) | (idx >= v)
+    if bool(bad.any()):
+        first = idx[bad][0].item()
+        raise ValueError(
+            f"teacher_topk_indices must be class indices in [0, {v}) or -1 (padding); "
+            f"found {first}"
+        )
+    srt = torch.sort(idx, dim=-1).values
+    dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
+    if bool(dup.any()):
+        first = srt[..., 1:][dup][0].item()
+        raise ValueError(
+            f"teacher_topk_indices must not repeat a class within a row; class {first} "
+            "appears twice (pad unused slots with -1)"
+        )
+
+
+def _check_logprobs(vals: torch.Tensor, idx: torch.Tensor) -> None:
+    """Non-padded log-probabilities must have Σ exp <= 1 (CPU tensors only, not traced)."""
+    if vals.device.type != "cpu" or vals.numel() == 0 or torch.compiler.is_compiling():
+        return
+    u = vals.double().masked_fill(idx < 0, float("-inf"))
+    if bool(torch.isnan(u).any()):
+        raise ValueError("teacher_topk_values must not contain NaN")
+    lse = torch.logsumexp(u, -1)
+    if bool((lse > _LOGPROB_SLACK).any()):
+        worst = lse.max().exp().item()
+        raise ValueError(
+            "teacher_topk_values with values='logprobs' must be log-probabilities over the "
+            f"full vocabulary (Σ exp(values) <= 1 per row); found a row summing to {worst:.4g}. "
+            "Pass values='logits' for unnormalised scores"
+        )
+
+
+def topk_kd_loss(
+    student_logits,
+    teacher_topk_indices,
+    teacher_topk_values,
+    labels=None,
+    *,
+    values="logits",
+    tail="renormalize",
+    divergence="forward_kl",
+    beta=0.5,
+    temperature=1.0,
+    ignore_index=-100,
+    reduction="mean",
+    normalizer=None,
+    backend="auto",
+):
+    """Distillation from a teacher's stored top-k entries (SPEC §5).
+
+    Student log-probs log_softmax(s/τ) over the full vocabulary are gathered at the
+    teacher's indices. Teacher: values='logits' → softmax(values/τ) over the k entries;
+    values='logprobs' → exp(values), full-vocabulary probabilities (τ must be 1).
+    tail='renormalize': both sides restricted to the k entries and renormalised;
+    tail='bucket' (values='logprobs' only): a (k+1)-th entry holds each side's
+    remaining mass 1 − Σ. The divergence (as in `kd_loss`) is taken over those entries.
+
+    Args:
+        student_logits: [..., V] float tensor (fp16/bf16/fp32/fp64); gets the gradient.
+        teacher_topk_indices: [..., k] integer tensor, classes in [0, V) without repeats
+            in a row, −1 for padding (1 <= k <= V). Checked on CPU tensors only.
+        teacher_topk_values: [..., k] float tensor, the teacher's logits or log-probs at
+            those indices (ignored at padding); a constant.
+        labels: optional [...] integer tensor, used only to ignore rows (== ignore_index).
+        values: 'logits' | 'logprobs'.
+        tail: 'renormalize' | 'bucket'.
+        divergence: 'forward_kl' (KL(p‖q)) | 'reverse_kl' (KL(q‖p)) | 'jsd'.
+        beta: jsd mixture weight in [0, 1] (0: forward KL, 1: reverse KL, as TRL).
+        temperature: τ > 0 (student always; teacher for values='logits'); no τ² factor.
+        ignore_index: label value of ignored rows.
+        reduction: 'none' ([...] float32 per-row losses, 0 at ignored rows) | 'sum' | 'mean'.
+        normalizer: denominator of 'mean' (positive number or 0-dim tensor), default the
+            number of valid rows (at least 1).
+        backend: 'auto' | 'torch' (the only implementation so far).
+
+    Returns:
+        float32 loss: a scalar, or [...] for reduction='none'.
+    """
+    s = check_float_tensor("student_logits", student_logits)
+    idx = check_int_tensor("teacher_topk_indices", teacher_topk_indices)
+    vals = check_float_tensor("teacher_topk_values", teacher_topk_values)
+    device = check_same_device(student_logits=s, teacher_topk_indices=idx,
+                               teacher_topk_values=vals)
+    check_choice("values", values, VALUES)
+    check_choice("tail", tail, TAILS)
+    check_choice("divergence", divergence, TOPK_DIVERGENCES)
+    check_reduction(reduction)
+    v = s.shape[-1]
+    if v < 1:
+        raise ValueError(f"the vocabulary dimension must be >= 1, got {v}")
+    lead = tuple(s.shape[:-1])
+    if idx.dim() < 1 or tuple(idx.shape[:-1]) != lead:
+        raise ValueError(
+            f"teacher_topk_indices must have shape [..., k] with the student's leading shape "
+            f"{lead}, got {tuple(idx.shape)}"
+        )
+    if tuple(vals.shape) != tuple(idx.shape):
+        raise ValueError(
+            f"teacher_topk_values must have the shape of teacher_topk_indices "
+            f"{tuple(idx.shape)}, got {tuple(vals.shape)}"
+        )
+    k = idx.shape[-1]
+    if not 1 <= k <= v:
+        raise ValueError(
+            f"teacher_topk_indices must hold k entries per row with 1 <= k <= V={v}, got k={k}"
+        )
+    temperature = check_number("temperature", temperature, lo=0.0, lo_open=True)
+    beta = check_number("beta", beta, lo=0.0, hi=1.0)
+    if values == "logprobs" and temperature != 1.0:
+        raise ValueError(
+            "values='logprobs' needs temperature=1.0 (stored log-probabilities cannot be "
+            f"re-tempered); got temperature={temperature:g}. Store logits and use values='logits'"
+        )
+    if tail == "bucket" and values != "logprobs":
+        raise ValueError(
+            "tail='bucket' needs values='logprobs': logits over k entries carry no tail mass; "
+            "use tail='renormalize' with values='logits'"
+        )
+    ignore_index = check_int("ignore_index", ignore_index)
+    check_labels(labels, lead, v, ignore_index, device)
+    normalizer = check_normalizer(normalizer)
+    _check_indices(idx, v)
+    if values == "logprobs":
+        _check_logprobs(vals, idx)
+    be = resolve_backend(backend, device, op="topk_kd_loss", supported=("torch",))
+
+    # jsd's endpoints are the plain KLs (TRL), so kernels never see log 0 weights
+    code = {"forward_kl": FWD_KL, "reverse_kl": REV_KL, "jsd": JSD}[divergence]
+    if code == JSD and beta in (0.0, 1.0):
+        code = FWD_KL if beta == 0.0 else REV_KL
+    s2 = _as_rows(s)
+    idx2 = idx.reshape(-1, k)
+    vals2 = vals.detach().reshape(-1, k)
+    y = labels.reshape(-1) if labels is not None else None
+    if reduction == "mean":
+        scale = mean_scale(y, s2.shape[0], normalizer, ignore_index, device)
+    else:
+        scale = torch.ones((), dtype=torch.float32, device=device)
+    out = TopKKDFunction.apply(s2, idx2, vals2, y, scale, code, beta, 1.0 / temperature,
+                               values == "logprobs", tail == "bucket", ignore_index,
+                               reduction, be)
+    return out.reshape(lead) if reduction == "none" else out

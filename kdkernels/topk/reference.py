@@ -1,0 +1,92 @@
+"""The oracle for `topk_kd_loss`: SPEC §5 written directly, differentiated by autograd.
+
+Row by row and in probability space on purpose: the student's full-vocabulary
+distribution is formed, gathered at the non-padded indices and renormalised (or given
+a tail entry holding the mass of the other classes), the teacher's probabilities are
+built from the values, and the textbook divergence is taken. Gradients come from
+autograd, which checks the fast path's hand-derived entry/tail gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _kl(x, y):
+    """Σ x log(x/y) with 0 log 0 = 0."""
+    return torch.where(x > 0, x * (torch.log(x) - torch.log(y)), torch.zeros_like(x)).sum()
+
+
+def _divergence(p, q, divergence, beta):
+    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0):
+        return _kl(p, q)
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1):
+        return _kl(q, p)
+    m = beta * p + (1 - beta) * q
+    return beta * _kl(p, m) + (1 - beta) * _kl(q, m)
+
+
+def topk_kd_loss_ref(
+    student_logits,
+    teacher_topk_indices,
+    teacher_topk_values,
+    labels=None,
+    *,
+    values="logits",
+    tail="renormalize",
+    divergence="forward_kl",
+    beta=0.5,
+    temperature=1.0,
+    ignore_index=-100,
+    reduction="mean",
+    normalizer=None,
+    compute_dtype=torch.float64,
+):
+    """SPEC §5 in `compute_dtype` (no validation: the oracle). Loss in `compute_dtype`.
+
+    student_logits: [..., V]; teacher_topk_indices, teacher_topk_values: [..., k];
+    labels: [...] or None. Gradients flow to `student_logits` through autograd.
+    """
+    v = student_logits.shape[-1]
+    k = teacher_topk_indices.shape[-1]
+    lead = student_logits.shape[:-1]
+    s = student_logits.reshape(-1, v).to(compute_dtype)
+    idx = teacher_topk_indices.reshape(-1, k)
+    vals = teacher_topk_values.reshape(-1, k).to(compute_dtype).detach()
+    y = labels.reshape(-1) if labels is not None else None
+    rows = []
+    for n in range(s.shape[0]):
+        if y is not None and y[n] == ignore_index:
+            rows.append(s.new_zeros(()))
+            continue
+        keep = idx[n] >= 0
+        sel = idx[n][keep]
+        u = vals[n][keep]
+        q_full = torch.softmax(s[n] / temperature, 0)
+        q = q_full[sel]
+        if values == "logits":
+            p = torch.softmax(u / temperature, 0)
+        else:
+            p = torch.exp(u)
+        if tail == "renormalize":
+            if sel.numel() == 0:
+                rows.append(s.new_zeros(()))
+                continue
+            p, q = p / p.sum(), q / q.sum()
+        else:
+            rest = torch.ones(v, dtype=torch.bool)
+            rest[sel] = False
+            if bool(rest.any()):
+                p = torch.cat([p, (1 - p.sum()).clamp_min(0).reshape(1)])
+                q = torch.cat([q, q_full[rest].sum().reshape(1)])
+        rows.append(_divergence(p, q, divergence, beta))
+    out = torch.stack(rows) if rows else s.new_zeros(0)
+    if reduction == "none":
+        return out.reshape(lead)
+    total = out.sum()
+    if reduction == "sum":
+        return total
+    if normalizer is not None:
+        return total / torch.as_tensor(normalizer, dtype=compute_dtype)
+    n_valid = s.shape[0] if y is None else int((y != ignore_index).sum())
+    return total / max(1, n_valid)
