@@ -2,9 +2,18 @@
 
 from ._backend import BackendUnavailableError
 from .fused_linear import fused_linear_kd_loss
+from .graph import graph_on_logits_loss, topk_logit_graph
 from .kd import DIVERGENCES, TAIDSchedule, kd_loss
-from .nn import FusedLinearKDLoss, KDLoss, PlackettLuceLoss, TopKKDLoss
+from .nn import (
+    FusedLinearKDLoss,
+    GraphOnLogitsLoss,
+    KDLoss,
+    PlackettLuceLoss,
+    SinkhornLoss,
+    TopKKDLoss,
+)
 from .pld import plackett_luce_loss
+from .sinkhorn import sinkhorn, sinkhorn_loss
 from .topk import topk_kd_loss
 
 __version__ = "0.1.0"
@@ -13,13 +22,19 @@ __all__ = [
     "BackendUnavailableError",
     "DIVERGENCES",
     "FusedLinearKDLoss",
+    "GraphOnLogitsLoss",
     "KDLoss",
     "PlackettLuceLoss",
+    "SinkhornLoss",
     "TopKKDLoss",
     "TAIDSchedule",
     "fused_linear_kd_loss",
+    "graph_on_logits_loss",
     "kd_loss",
     "plackett_luce_loss",
+    "sinkhorn",
+    "sinkhorn_loss",
+    "topk_logit_graph",
     "topk_kd_loss",
     "__version__",
 ]

@@ -7,8 +7,10 @@ import inspect
 import torch
 
 from .fused_linear.module import FusedLinearKDLoss
+from .graph.module import GraphOnLogitsLoss
 from .kd import kd_loss
 from .pld.module import PlackettLuceLoss
+from .sinkhorn.module import SinkhornLoss
 from .topk.module import TopKKDLoss
 
 _KD_KEYWORDS = tuple(
@@ -44,4 +46,11 @@ class KDLoss(torch.nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
 
 
-__all__ = ["KDLoss", "FusedLinearKDLoss", "PlackettLuceLoss", "TopKKDLoss"]
+__all__ = [
+    "KDLoss",
+    "FusedLinearKDLoss",
+    "GraphOnLogitsLoss",
+    "PlackettLuceLoss",
+    "SinkhornLoss",
+    "TopKKDLoss",
+]
