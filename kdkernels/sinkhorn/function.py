@@ -152,7 +152,7 @@ def sinkhorn_loss(
     c = PairwiseCostFunction.apply(s2, t2, bsz, 1.0 / temperature, cost, cdt)  # [M, B, B]
     log_u = torch.full((m, bsz), -math.log(bsz), dtype=cdt, device=device)
     if grad == "unrolled":
-        f, g = SinkhornFunction.apply(c, log_u, log_u, epsilon, n_iters, None)
+        f, g = SinkhornFunction.apply(c, log_u, log_u.clone(), epsilon, n_iters, None)
         plan = plan_from_potentials(f, g, c, epsilon)
     else:
         with torch.no_grad():
