@@ -83,11 +83,18 @@ def resolve_backend(backend, device, *, op: str, supported=("torch", "triton")) 
     # auto
     if device.type == "cuda":
         for cand in supported:
-            if cand == "cuda" and _cuda_reason(device) is None and cand in _auto_cuda_ops(op):
+            # the op check first: a cuda reason may build the extension just in time
+            if cand == "cuda" and op in _auto_cuda_ops(op) and _cuda_reason(device) is None:
                 return "cuda"
             if cand == "triton" and _triton_reason(device) is None:
                 return "triton"
     return "torch"
+
+
+def explicit_backend(backend: str) -> bool:
+    """Was a concrete backend asked for, by argument or by KDKERNELS_BACKEND?"""
+    env = os.environ.get("KDKERNELS_BACKEND", "auto").strip().lower() or "auto"
+    return backend != "auto" or env != "auto"
 
 
 def _auto_cuda_ops(op: str) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._backend import resolve_backend
+from .._backend import BackendUnavailableError, explicit_backend, resolve_backend
 from .._validate import check_float_tensor, check_int, check_number, check_same_device
 from ..kd.function import mean_scale, prepare_kd_args
 from ..kd.ops import scale_rows_
@@ -245,7 +245,18 @@ def fused_linear_kd_loss(
         )
     else:
         chunk = check_int("chunk_size", chunk_size, lo=1)
-    be = resolve_backend(backend, device, op="fused_linear_kd_loss")
+    be = resolve_backend(backend, device, op="fused_linear_kd_loss",
+                         supported=("cuda", "triton", "torch"))
+    if be == "cuda":  # the divergence step runs the CUDA kd kernel on the chunk's logits
+        from ..kd.cuda import unsupported_reason
+
+        reason = unsupported_reason(ws[:0], wt[:0])
+        if reason is not None:
+            if explicit_backend(backend):
+                raise BackendUnavailableError(
+                    f"fused_linear_kd_loss: backend='cuda' cannot run: {reason}"
+                )
+            be = resolve_backend(backend, device, op="fused_linear_kd_loss")
 
     lead = hs.shape[:-1]
     grad_on = torch.is_grad_enabled()

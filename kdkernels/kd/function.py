@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import resolve_backend
+from .._backend import BackendUnavailableError, explicit_backend, resolve_backend
 from .._validate import (
     check_choice,
     check_float_tensor,
@@ -19,6 +19,8 @@ from .ops import kd_fwd, scale_rows_
 from .params import DIVERGENCES, KDParams, canonical
 
 VOCAB_MISMATCH = ("error", "truncate")
+# Preference order on a GPU (auto takes cuda only for ops listed in _backend._auto_cuda_ops).
+KD_BACKENDS = ("cuda", "triton", "torch")
 
 
 class KDLossFunction(torch.autograd.Function):
@@ -174,7 +176,15 @@ def kd_loss(
         normalizer=normalizer, hard_label_weight=hard_label_weight,
         soft_label_weight=soft_label_weight, vocab_mismatch=vocab_mismatch,
     )
-    be = resolve_backend(backend, device, op="kd_loss")
+    be = resolve_backend(backend, device, op="kd_loss", supported=KD_BACKENDS)
+    if be == "cuda":
+        from .cuda import unsupported_reason
+
+        reason = unsupported_reason(s, t)
+        if reason is not None:
+            if explicit_backend(backend):
+                raise BackendUnavailableError(f"kd_loss: backend='cuda' cannot run: {reason}")
+            be = resolve_backend(backend, device, op="kd_loss", supported=("triton", "torch"))
     lead = s.shape[:-1]
     s2, t2 = _as_rows(s), _as_rows(t.detach())
     y = labels.reshape(-1) if labels is not None else None

@@ -1,0 +1,36 @@
+"""The `cuda` backend of `topk_select`: a wrapper over the compiled radix-select kernel
+(csrc/topk.cu; docs/cuda.md)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..kd.cuda import DTYPE_CODES, device_index, module
+
+MAX_K = 256
+
+
+def unsupported_reason(x: torch.Tensor, k: int) -> str | None:
+    """None when the CUDA kernel takes this input, else why not (and what to do)."""
+    if x.dtype not in DTYPE_CODES:
+        return (
+            f"the cuda top-k kernel takes float32, float16 or bfloat16, got {x.dtype}; "
+            "use backend='torch'"
+        )
+    if k > MAX_K:
+        return f"the cuda top-k kernel supports k <= {MAX_K}, got k={k}; use backend='torch'"
+    return None
+
+
+def topk_select_cuda(x: torch.Tensor, k: int, values: torch.Tensor,
+                     indices: torch.Tensor) -> None:
+    """x: [N, V] (unit column stride) -> values [N, k] (x's dtype), indices [N, k] (int64),
+    both contiguous and preallocated; written on the current stream."""
+    n, v = x.shape
+    if n == 0:
+        return
+    dev = x.device
+    module().topk(
+        x.data_ptr(), x.stride(0), n, v, k, DTYPE_CODES[x.dtype], values.data_ptr(),
+        indices.data_ptr(), device_index(dev), torch.cuda.current_stream(dev).cuda_stream,
+    )
