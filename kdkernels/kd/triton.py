@@ -72,7 +72,8 @@ def _sigmoid(x):
 @triton.jit
 def _pair_terms(logq, logp, la_lb, dc, w, log_w, log_1mw, DIV: tl.constexpr):
     """Per-element (d, g) of the divergences that need normalised p and q: d sums to D_n,
-    g = ∂D/∂q shifted to vanish where p/q → 0 (chunked._pair_terms derives each form);
+    g = ∂D/∂q shifted to vanish where p/q → 0 (chunked._pair_terms derives each form).
+    la_lb = (a − M_a) − (b − b_ref) (b_ref = M_b, or b at the pivot for reverse KL), so
     log r = log p − log q = dc − la_lb without the normalisers' rounding."""
     q = tl.exp(logq)
     p = tl.exp(logp)
@@ -197,6 +198,11 @@ def _kd_fwd_kernel(
         if DIV == C_TAID:
             d_row = (acc / z_b - m_b + m_a) - c_b + c_a
         q_piv = 1.0 / (1.0 + zp)
+        # Reverse KL's g = log q − log p is taken relative to the pivot, from the logits
+        # themselves: (a − a_{j*}) − (b − b_{j*}), free of the normalisers' rounding.
+        b_ref = m_b
+        if DIV == C_REV:
+            b_ref = tl.load(t_row + piv).to(tl.float32) * inv_temp
         g_bar = 0.0
         g_pivot = 0.0
         # ---- pass 2: divergences that need normalised distributions
@@ -208,9 +214,10 @@ def _kd_fwd_kernel(
                 cols = off + lanes
                 msk = cols < V
                 la = tl.load(s_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp - m_a
-                lb = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp - m_b
+                b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp
                 logq = la - c_a
-                d, g = _pair_terms(logq, lb - c_b, la - lb, c_a - c_b, w, log_w, log_1mw, DIV)
+                d, g = _pair_terms(logq, (b - m_b) - c_b, la - (b - b_ref), c_a - c_b, w, log_w,
+                                   log_1mw, DIV)
                 is_piv = cols == piv
                 d_acc += tl.where(msk, d, 0.0)
                 qg_acc += tl.where(msk, tl.where(is_piv, 0.0, tl.exp(logq) * g), 0.0)
@@ -254,9 +261,8 @@ def _kd_fwd_kernel(
                     elif DIV == C_TAID:
                         g = q - tl.exp(((1.0 - w) * x * inv_temp + w * b - m_b) - c_b)
                     else:
-                        lb = b - m_b
-                        d, gq = _pair_terms(logq, lb - c_b, la - lb, c_a - c_b, w, log_w, log_1mw,
-                                            DIV)
+                        d, gq = _pair_terms(logq, (b - m_b) - c_b, la - (b - b_ref), c_a - c_b,
+                                            w, log_w, log_1mw, DIV)
                         g = tl.where(cols == piv, g_pivot, q * (gq - g_bar))
                 g = g * c_soft
                 if HARD:
