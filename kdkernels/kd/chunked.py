@@ -17,10 +17,12 @@ Forward KL and TAID use the closed form q − p (q − r). The hard-label term a
 CE'(s) = softmax(s) − onehot(y) on the untempered logits.
 
 Precision: at wide logit spreads q is nearly one-hot at its argmax j*, ḡ ≈ g_{j*}, and
-q_{j*}(g_{j*} − ḡ) cancels catastrophically in float32. We therefore keep the "pivot"
-j* apart: Z' = Σ_{v≠j*} e^{a_v − a_{j*}} (so lse = a_{j*} + log1p(Z'), q_{j*} = 1/(1+Z'),
-1 − q_{j*} = Z'/(1+Z') exactly), G' = Σ_{v≠j*} q_v g_v, and the pivot's derivative is
-q_{j*}((1 − q_{j*}) g_{j*} − G'), free of cancellation. The Triton kernel does the same.
+q_{j*}(g_{j*} − ḡ) cancels catastrophically in float32. We keep the "pivot" j* apart:
+G' = Σ_{v≠j*} q_v g_v, ḡ = q_{j*} g_{j*} + G', and the pivot's derivative is
+q_{j*}((1 − q_{j*}) g_{j*} − G') with 1 − q_{j*} = −expm1(log q_{j*}), free of
+cancellation. Logs come from log_softmax, which computes (a − max) − log Σ e^{a − max}
+and so never rounds a large lse. The Triton kernel does the same with Z' = Σ_{v≠j*}
+e^{a_v − a_{j*}} (1 − q_{j*} = Z'/(1+Z')), which it accumulates online.
 """
 
 from __future__ import annotations
