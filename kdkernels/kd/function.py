@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import BackendUnavailableError, explicit_backend, resolve_backend
+from .._rowgrad import as_rows, rescaled_grad, save_and_reduce
 from .._validate import (
     check_choice,
     check_float_tensor,
@@ -15,7 +16,7 @@ from .._validate import (
     check_reduction,
     check_same_device,
 )
-from .ops import kd_fwd, scale_rows_
+from .ops import kd_fwd
 from .params import DIVERGENCES, KDParams, canonical
 
 VOCAB_MISMATCH = ("error", "truncate")
@@ -39,31 +40,11 @@ class KDLossFunction(torch.autograd.Function):
         if n > 0:
             kd_fwd(s, t, labels, scale, loss, grad, backend, prm.div, prm.inv_temp, prm.w,
                    prm.soft_w, prm.hard_w, prm.ignore_index, v)
-        ctx.save_for_backward(grad)
-        ctx.backend = backend
-        ctx.consumed = False
-        if reduction == "none":
-            return loss
-        total = loss.sum()
-        return total * scale if reduction == "mean" else total
+        return save_and_reduce(ctx, loss, grad, scale, reduction, backend)
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.consumed:
-            raise RuntimeError(
-                "kd_loss: backward was called twice through the same graph; the stored "
-                "gradient is rescaled in place. Recompute the loss instead of retain_graph=True."
-            )
-        ctx.consumed = True
-        (grad,) = ctx.saved_tensors
-        if grad.numel() > 0:
-            scale_rows_(grad, grad_out.float().contiguous(), ctx.backend)
-        return grad, None, None, None, None, None, None, None
-
-
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    return x.reshape(-1, x.shape[-1])
+        return (rescaled_grad(ctx, grad_out, "kd_loss"),) + (None,) * 7
 
 
 def prepare_kd_args(
@@ -186,7 +167,7 @@ def kd_loss(
                 raise BackendUnavailableError(f"kd_loss: backend='cuda' cannot run: {reason}")
             be = resolve_backend(backend, device, op="kd_loss", supported=("triton", "torch"))
     lead = s.shape[:-1]
-    s2, t2 = _as_rows(s), _as_rows(t.detach())
+    s2, t2 = as_rows(s), as_rows(t.detach())
     y = labels.reshape(-1) if labels is not None else None
     if reduction == "mean":
         scale = mean_scale(y, s2.shape[0], normalizer, prm.ignore_index, device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import resolve_backend
+from .._rowgrad import as_rows, rescaled_grad, save_and_reduce
 from .._validate import (
     check_float_tensor,
     check_int,
@@ -15,7 +16,6 @@ from .._validate import (
     check_same_device,
 )
 from ..kd.function import mean_scale
-from ..kd.ops import scale_rows_
 from .ops import pld_fwd
 
 
@@ -35,32 +35,11 @@ class PlackettLuceFunction(torch.autograd.Function):
         grad = torch.empty_like(s) if ctx.needs_input_grad[0] else s.new_empty(0)
         if n > 0:
             pld_fwd(s, t, labels, scale, loss, grad, backend, inv_temp, top_k, ignore_index)
-        ctx.save_for_backward(grad)
-        ctx.backend = backend
-        ctx.consumed = False
-        if reduction == "none":
-            return loss
-        total = loss.sum()
-        return total * scale if reduction == "mean" else total
+        return save_and_reduce(ctx, loss, grad, scale, reduction, backend)
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.consumed:
-            raise RuntimeError(
-                "plackett_luce_loss: backward was called twice through the same graph; the "
-                "stored gradient is rescaled in place. Recompute the loss instead of "
-                "retain_graph=True."
-            )
-        ctx.consumed = True
-        (grad,) = ctx.saved_tensors
-        if grad.numel() > 0:
-            scale_rows_(grad, grad_out.float().contiguous(), ctx.backend)
-        return grad, None, None, None, None, None, None, None, None
-
-
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    return x.reshape(-1, x.shape[-1])
+        return (rescaled_grad(ctx, grad_out, "plackett_luce_loss"),) + (None,) * 8
 
 
 def plackett_luce_loss(
@@ -117,7 +96,7 @@ def plackett_luce_loss(
     normalizer = check_normalizer(normalizer)
     be = resolve_backend(backend, device, op="plackett_luce_loss", supported=("torch",))
     lead = s.shape[:-1]
-    s2, t2 = _as_rows(s), _as_rows(t.detach())
+    s2, t2 = as_rows(s), as_rows(t.detach())
     y = labels.reshape(-1) if labels is not None else None
     if reduction == "mean":
         scale = mean_scale(y, s2.shape[0], normalizer, ignore_index, device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import resolve_backend
+from .._rowgrad import as_rows, rescaled_grad, save_and_reduce
 from .._validate import (
     check_choice,
     check_float_tensor,
@@ -17,7 +18,6 @@ from .._validate import (
     check_same_device,
 )
 from ..kd.function import mean_scale
-from ..kd.ops import scale_rows_
 from .chunked import FWD_KL, JSD, REV_KL
 from .ops import topk_kd_fwd
 
@@ -45,32 +45,11 @@ class TopKKDFunction(torch.autograd.Function):
         if n > 0:
             topk_kd_fwd(s, idx, vals, labels, scale, loss, grad, backend, code, beta, inv_temp,
                         logprobs, bucket, ignore_index)
-        ctx.save_for_backward(grad)
-        ctx.backend = backend
-        ctx.consumed = False
-        if reduction == "none":
-            return loss
-        total = loss.sum()
-        return total * scale if reduction == "mean" else total
+        return save_and_reduce(ctx, loss, grad, scale, reduction, backend)
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.consumed:
-            raise RuntimeError(
-                "topk_kd_loss: backward was called twice through the same graph; the stored "
-                "gradient is rescaled in place. Recompute the loss instead of "
-                "retain_graph=True."
-            )
-        ctx.consumed = True
-        (grad,) = ctx.saved_tensors
-        if grad.numel() > 0:
-            scale_rows_(grad, grad_out.float().contiguous(), ctx.backend)
-        return (grad,) + (None,) * 12
-
-
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    return x.reshape(-1, x.shape[-1])
+        return (rescaled_grad(ctx, grad_out, "topk_kd_loss"),) + (None,) * 12
 
 
 def _check_indices(idx: torch.Tensor, v: int) -> None:
@@ -210,7 +189,7 @@ def topk_kd_loss(
     code = {"forward_kl": FWD_KL, "reverse_kl": REV_KL, "jsd": JSD}[divergence]
     if code == JSD and beta in (0.0, 1.0):
         code = FWD_KL if beta == 0.0 else REV_KL
-    s2 = _as_rows(s)
+    s2 = as_rows(s)
     idx2 = idx.reshape(-1, k)
     vals2 = vals.detach().reshape(-1, k)
     y = labels.reshape(-1) if labels is not None else None
