@@ -79,14 +79,6 @@ def provider_name(backend: str) -> str:
     return f"{OURS_PREFIX}[{backend}]"
 
 
-def is_ours(provider: str) -> bool:
-    return provider.startswith(OURS_PREFIX)
-
-
-def backend_of(provider: str) -> str:
-    return provider[len(OURS_PREFIX) + 1 : -1]
-
-
 def _need_module(name: str, why: str):
     if importlib.util.find_spec(name) is None:
         raise Unavailable(f"{why}: `{name}` is not installed")

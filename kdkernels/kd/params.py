@@ -33,8 +33,6 @@ _CODES = {
     "tvd": TVD,
     "taid": TAID,
 }
-# Codes whose loss and gradient statistics come out of one online pass.
-ONLINE = (ZERO, FWD_KL, REV_KL, TAID)
 
 
 class KDParams(NamedTuple):
