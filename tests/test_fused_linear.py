@@ -194,6 +194,34 @@ def test_bfloat16_within_twice_torch_error(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_dtype_accumulation(backend):
+    """weight_grad_accumulation='weight': no float32 buffer, bf16 weight/bias gradients within
+    a few bf16 roundings (one per chunk) of the float64 reference; the loss and the hidden
+    gradient are unchanged; identical to 'float32' for float32 weights."""
+    c = make_case((12,), 32, 24, 113, std=8.0, dtype=torch.bfloat16)
+    kw = dict(divergence="forward_kl", chunk_size=3, backend=backend)
+    loss_w, g_w = run(fused_linear_kd_loss, c, weight_grad_accumulation="weight", **kw)
+    loss_f, g_f = run(fused_linear_kd_loss, c, **kw)
+    _, ref_g = run(fused_linear_kd_loss_ref, as64(c), divergence="forward_kl")
+    _, low_g = run(fused_linear_kd_loss_ref, c, divergence="forward_kl",
+                   compute_dtype=torch.bfloat16)
+    assert torch.equal(loss_w, loss_f) and torch.equal(g_w["hs"], g_f["hs"])
+    for k in ("ws", "bs"):
+        assert g_w[k].dtype == torch.bfloat16
+        err = rel_err(g_w[k], ref_g[k])
+        assert err <= 2 * rel_err(low_g[k], ref_g[k]) + ATOL[torch.bfloat16]
+        # the bf16 logit gradient dominates; one rounding per chunk adds little to it
+        assert err <= rel_err(g_f[k], ref_g[k]) + 4 * torch.finfo(torch.bfloat16).eps
+    c32 = make_case((7,), 9, 5, 41)
+    kw32 = dict(divergence="tvd", chunk_size=2, backend=backend)
+    _, a = run(fused_linear_kd_loss, c32, weight_grad_accumulation="weight", **kw32)
+    _, b = run(fused_linear_kd_loss, c32, **kw32)
+    assert all(torch.equal(a[k], b[k]) for k in ("hs", "ws", "bs"))
+    with pytest.raises(ValueError, match="weight_grad_accumulation"):
+        run(fused_linear_kd_loss, c32, weight_grad_accumulation="bf16")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_all_rows_ignored_and_empty(backend):
     c = make_case((5,), 6, 6, 33)
     c["labels"][:] = -100
@@ -388,6 +416,28 @@ def test_gpu_issue_shape_bf16(backend):
     for g, r, lo in zip(grads, ref[1:], low[1:]):
         assert g.dtype == torch.bfloat16 and torch.isfinite(g).all()
         assert rel_err(g, r) <= 2 * rel_err(lo, r) + atol
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [8192, 32768])
+def test_gpu_weight_dtype_accumulation_within_one_gib(n):
+    """weight_grad_accumulation='weight' at H=4096, V=128256, bf16: peak memory above the
+    inputs and the returned gradients stays within 1 GiB (the DEVELOPERS.md target)."""
+    h, v = 4096, 128256
+    c = make_case((n,), h, h, v, std=6.0, dtype=torch.bfloat16, device="cuda", bias=False)
+    hs, ws = (c[k].detach().clone().requires_grad_() for k in ("hs", "ws"))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = fused_linear_kd_loss(hs, ws, c["ht"], c["wt"], c["labels"], divergence="jsd",
+                                weight_grad_accumulation="weight")
+    loss.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - sum(
+        g.numel() * g.element_size() for g in (hs.grad, ws.grad))
+    assert extra <= 2**30, extra / 2**30
+    assert torch.isfinite(ws.grad).all() and torch.isfinite(hs.grad).all()
 
 
 @requires_gpu

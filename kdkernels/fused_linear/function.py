@@ -21,7 +21,13 @@ from typing import NamedTuple
 import torch
 
 from .._backend import BackendUnavailableError, explicit_backend, resolve_backend
-from .._validate import check_float_tensor, check_int, check_number, check_same_device
+from .._validate import (
+    check_choice,
+    check_float_tensor,
+    check_int,
+    check_number,
+    check_same_device,
+)
 from ..kd.function import mean_scale, prepare_kd_args
 from ..kd.ops import scale_rows_
 from ..kd.params import ZERO, KDParams
@@ -47,6 +53,7 @@ class FusedConfig(NamedTuple):
     s_mult: float
     t_cap: float
     t_mult: float
+    acc_in_weight_dtype: bool = False  # weight_grad_accumulation="weight"
 
 
 def _run(hs, ws, bs, ht, wt, bt, labels, scale, row_scale, loss, gh, gw, gb, cfg: FusedConfig):
@@ -56,11 +63,15 @@ def _run(hs, ws, bs, ht, wt, bt, labels, scale, row_scale, loss, gh, gw, gb, cfg
                         p.div, p.inv_temp, p.w, p.soft_w, p.hard_w, p.ignore_index, cfg.v)
 
 
-def _grad_buffers(hs, ws, bs, need, v):
-    """grad_h [N, H_s] (hs' dtype), float32 (float64 for float64) accumulators for W and b."""
+def _grad_buffers(hs, ws, bs, need, v, in_weight_dtype=False):
+    """grad_h [N, H_s] (hs' dtype), and accumulators for W and b: float32 (float64 for
+    float64), or the weight's own dtype when `in_weight_dtype` (no extra buffer at all)."""
     need_h, need_w, need_b = need
     empty = hs.new_empty(0)
-    acc_dt = torch.float64 if ws.dtype == torch.float64 else torch.float32
+    if in_weight_dtype:
+        acc_dt = ws.dtype
+    else:
+        acc_dt = torch.float64 if ws.dtype == torch.float64 else torch.float32
     gh = torch.empty_like(hs) if need_h else empty
     gw = torch.zeros(ws.shape, dtype=acc_dt, device=ws.device) if need_w else None
     gb = torch.zeros(bs.shape, dtype=acc_dt, device=bs.device) if need_b else None
@@ -88,7 +99,8 @@ class FusedLinearKDFunction(torch.autograd.Function):
             _run(hs, ws, bs, ht, wt, bt, labels, scale, None, loss, empty, empty, empty, cfg)
             ctx.save_for_backward(hs, ws, bs, ht, wt, bt, labels)
             return loss
-        gh, gw, gb, gw_v, gb_v = _grad_buffers(hs, ws, bs, need, cfg.v)
+        gh, gw, gb, gw_v, gb_v = _grad_buffers(hs, ws, bs, need, cfg.v,
+                                               cfg.acc_in_weight_dtype)
         _run(hs, ws, bs, ht, wt, bt, labels, scale, None, loss, gh, gw_v, gb_v, cfg)
         gw, gb = _finish(gw, ws), _finish(gb, bs)
         ctx.save_for_backward(gh if need[0] else None, gw, gb)
@@ -100,7 +112,8 @@ class FusedLinearKDFunction(torch.autograd.Function):
         cfg, need = ctx.cfg, ctx.need
         if cfg.reduction == "none":
             hs, ws, bs, ht, wt, bt, labels = ctx.saved_tensors
-            gh, gw, gb, gw_v, gb_v = _grad_buffers(hs, ws, bs, need, cfg.v)
+            gh, gw, gb, gw_v, gb_v = _grad_buffers(hs, ws, bs, need, cfg.v,
+                                               cfg.acc_in_weight_dtype)
             ones = torch.ones((), dtype=torch.float32, device=hs.device)
             scratch = torch.empty(hs.shape[0], dtype=torch.float32, device=hs.device)
             row_scale = grad_out.reshape(-1).to(torch.float32).contiguous()
@@ -191,6 +204,7 @@ def fused_linear_kd_loss(
     soft_label_weight=1.0,
     vocab_mismatch="error",
     chunk_size=None,
+    weight_grad_accumulation="float32",
     backend="auto",
 ):
     """KD loss on the logits of two linear heads, without materialising them (SPEC §2).
@@ -214,7 +228,12 @@ def fused_linear_kd_loss(
         hard_label_weight, soft_label_weight, vocab_mismatch: as in `kd_loss` (SPEC §1).
         chunk_size: token rows per chunk (int >= 1); default from the vocabulary, hidden
             sizes, dtypes and KDKERNELS_FUSED_CHUNK_BUDGET_MB (256 MiB), not from N.
-        backend: 'auto' | 'torch' | 'triton'.
+        weight_grad_accumulation: 'float32' (default, SPEC §2: the weight and bias
+            gradients accumulate across chunks in float32, cast once at the end; costs a
+            4·V·(H_s+1)-byte buffer) or 'weight' (accumulate in the weight's own dtype:
+            each chunk's GEMM adds in float32 and rounds once into the gradient; no extra
+            buffer, as Liger-Kernel does; identical for float32 weights).
+        backend: 'auto' | 'torch' | 'triton' | 'cuda'.
 
     Returns:
         float32 loss: a scalar, or [...] per-row losses for reduction='none'.
@@ -275,7 +294,9 @@ def fused_linear_kd_loss(
         scale = mean_scale(y, n, normalizer, prm.ignore_index, device)
     else:
         scale = torch.ones((), dtype=torch.float32, device=device)
-    cfg = FusedConfig(prm, v, reduction, be, chunk, s_cap, s_mult, t_cap, t_mult)
+    check_choice("weight_grad_accumulation", weight_grad_accumulation, ("float32", "weight"))
+    cfg = FusedConfig(prm, v, reduction, be, chunk, s_cap, s_mult, t_cap, t_mult,
+                      weight_grad_accumulation == "weight")
     if any(need):
         out = FusedLinearKDFunction.apply(hs2, ws, bs, ht2, wt, bt, y, scale, cfg, need)
     else:

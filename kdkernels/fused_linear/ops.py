@@ -94,7 +94,8 @@ def _logits(h, w, b, alpha: float, out: torch.Tensor) -> None:
 
 
 def _accumulate_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
-    """acc[P, Q] (float32/64) += alpha·a[P, K] @ b[K, Q], with float32-or-wider accumulation."""
+    """acc[P, Q] += alpha·a[P, K] @ b[K, Q], with float32-or-wider accumulation inside the
+    GEMM (acc float32/64, or a's own dtype: then each call rounds once into acc)."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b, alpha=alpha)
         return
@@ -154,7 +155,8 @@ def fused_linear_kd_fwd(
     row_scale: [N] float32 or None (per-row upstream gradient, for reduction='none').
     loss: [N] float32 (unscaled per-row losses). Gradients of Σ_n scale·r_n·L_n, each
     skipped when its buffer is empty: grad_h [N, H_s] (hs' dtype, overwritten), grad_w
-    [v, H_s] float32 and grad_b [v] float32 (accumulated into). s_cap/t_cap: softcap c,
+    [v, H_s] and grad_b [v] (accumulated into; float32, or the weight's dtype when the
+    caller asked for weight_grad_accumulation='weight'). s_cap/t_cap: softcap c,
     0 for none; s_mult/t_mult: logit scale m. v: vocabulary columns used (<= V_s, V_t).
     """
     n = hs.shape[0]
