@@ -258,6 +258,10 @@ def _fused_spec(div: str) -> OpSpec:
 
     def providers(device):
         extra = _eager_and_compile(naive.fused_linear_eager, call_eager)
+        if device.type == "cuda":  # the opt-in low-memory weight-gradient accumulation
+            extra["kdkernels[auto,wacc]"] = _ours_factory(
+                "fused_linear_kd_loss",
+                lambda fn, x: call_ours(fn, x, weight_grad_accumulation="weight"), None)
         if div == "jsd":
             extra["liger"] = functools.partial(liger_fused, device)
             extra["liger-chunked"] = functools.partial(liger_chunked, device)
