@@ -111,11 +111,17 @@ def kd_loss_ref(
         ce = F.cross_entropy(s, torch.where(valid, y, 0), reduction="none")
         rows = rows + hard_label_weight * ce
     rows = torch.where(valid, rows, torch.zeros_like(rows))
+    return reduce_ref(rows, lead, reduction, normalizer, valid.sum())
+
+
+def reduce_ref(rows, lead, reduction, normalizer, n_valid):
+    """SPEC's reductions of per-row losses `rows` [N] (0 at invalid rows): 'none' shapes
+    them like `lead`, 'sum' sums, 'mean' divides by `normalizer` or max(1, n_valid)."""
     if reduction == "none":
         return rows.reshape(lead)
     total = rows.sum()
     if reduction == "sum":
         return total
-    if normalizer is not None:
-        return total / torch.as_tensor(normalizer, dtype=compute_dtype, device=total.device)
-    return total / valid.sum().clamp_min(1).to(compute_dtype)
+    if normalizer is None:
+        normalizer = torch.as_tensor(n_valid).clamp_min(1)
+    return total / torch.as_tensor(normalizer, device=total.device).to(total.dtype)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kd.reference import reduce_ref
+
 
 def plackett_luce_loss_ref(
     student_logits,
@@ -52,12 +54,5 @@ def plackett_luce_loss_ref(
             total = total + w[pi[k]] * (torch.logsumexp(suffix, 0) - s[n][pi[k]])
         rows.append(total)
     out = torch.stack(rows) if rows else s.new_zeros(0)
-    if reduction == "none":
-        return out.reshape(lead)
-    total = out.sum()
-    if reduction == "sum":
-        return total
-    if normalizer is not None:
-        return total / torch.as_tensor(normalizer, dtype=compute_dtype)
     n_valid = sum(1 for yn in y if yn is None or yn != ignore_index)
-    return total / max(1, n_valid)
+    return reduce_ref(out, lead, reduction, normalizer, n_valid)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kd.reference import reduce_ref
+
 
 def _kl(x, y):
     """Σ x log(x/y) with 0 log 0 = 0."""
@@ -81,12 +83,5 @@ def topk_kd_loss_ref(
                 q = torch.cat([q, q_full[rest].sum().reshape(1)])
         rows.append(_divergence(p, q, divergence, beta))
     out = torch.stack(rows) if rows else s.new_zeros(0)
-    if reduction == "none":
-        return out.reshape(lead)
-    total = out.sum()
-    if reduction == "sum":
-        return total
-    if normalizer is not None:
-        return total / torch.as_tensor(normalizer, dtype=compute_dtype)
     n_valid = s.shape[0] if y is None else int((y != ignore_index).sum())
-    return total / max(1, n_valid)
+    return reduce_ref(out, lead, reduction, normalizer, n_valid)
