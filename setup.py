@@ -5,7 +5,7 @@ By default the package installs as pure Python (fast; csrc/ is copied into the p
 `kdkernels/_csrc` so the extension can be built just in time on first use on a CUDA
 machine). With KDKERNELS_BUILD_CUDA=1 the extension `kdkernels.kdkernels_cuda` is
 compiled now, with nvcc + pybind11 + ninja, by the same builder the just-in-time path
-uses (kdkernels/_ext.py), for KDKERNELS_CUDA_ARCH (default "80;90a", plus PTX of the
+uses (kdkernels/_build.py), for KDKERNELS_CUDA_ARCH (default "80;90a", plus PTX of the
 lowest). pybind11 and ninja must be importable by the build, e.g.
     pip install pybind11 ninja
     KDKERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .
@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent
 
 
 def _builder():
-    """kdkernels/_ext.py loaded by path: it imports neither torch nor the package."""
+    """kdkernels/_build.py loaded by path: it imports neither torch nor the package."""
     spec = importlib.util.spec_from_file_location("_kdkernels_ext_builder",
-                                                  ROOT / "kdkernels" / "_ext.py")
+                                                  ROOT / "kdkernels" / "_build.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -46,7 +46,7 @@ class BuildPy(build_py):
 
 
 class BuildCudaExt(build_ext):
-    """Compile the CUDA extension with kdkernels/_ext.py's ninja builder."""
+    """Compile the CUDA extension with kdkernels/_build.py's ninja builder."""
 
     def build_extension(self, ext):
         builder = _builder()

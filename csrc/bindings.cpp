@@ -27,7 +27,10 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr const char* kVersion = "0.1.0";
+#ifndef KDK_VERSION
+#define KDK_VERSION unknown
+#endif
+constexpr const char* kVersion = KDK_STR(KDK_VERSION);
 
 // None when a CUDA device can run kernels, else why not.
 std::string device_problem() {
@@ -91,7 +94,7 @@ cudaStream_t stream_of(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>
 
 py::dict plan_dict(const kdk::KdPlan& plan) {
     py::dict d;
-    d["path"] = plan.path == kdk::kPathSmem ? "smem" : "stream";
+    d["path"] = plan.path == kdk::kSmem ? "smem" : "stream";
     d["cluster"] = plan.cluster;
     d["threads"] = plan.threads;
     d["cols_per_cta"] = plan.cols_per_cta;
@@ -198,6 +201,32 @@ PYBIND11_MODULE(kdkernels_cuda, m) {
         py::arg("grad"), py::arg("scale"), py::arg("per_row"), py::arg("n_rows"), py::arg("v"),
         py::arg("stride_g"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
         "grad[n, :v] *= scale (per row or one value), rows with factor 1 untouched.");
+
+    m.def(
+        "softcap_fwd",
+        [](std::uintptr_t u, std::uintptr_t out, int64_t n_rows, int64_t v, int64_t stride_u,
+           int64_t stride_o, float cap, int dtype, int device, std::uintptr_t stream) {
+            DeviceScope scope(device);
+            kdk::softcap_fwd(ptr<const void*>(u), ptr<void*>(out), n_rows, v, stride_u, stride_o,
+                             cap, dtype, stream_of(stream));
+        },
+        py::arg("u"), py::arg("out"), py::arg("n_rows"), py::arg("v"), py::arg("stride_u"),
+        py::arg("stride_o"), py::arg("cap"), py::arg("dtype"), py::arg("device"),
+        py::arg("stream"), "out[n, :v] = cap * tanh(u[n, :v]).");
+
+    m.def(
+        "softcap_bwd",
+        [](std::uintptr_t g, std::uintptr_t u, std::uintptr_t row_scale, int64_t n_rows,
+           int64_t v, int64_t stride_g, int64_t stride_u, float k, int dtype, int device,
+           std::uintptr_t stream) {
+            DeviceScope scope(device);
+            kdk::softcap_bwd(ptr<void*>(g), ptr<const void*>(u), ptr<const float*>(row_scale),
+                             n_rows, v, stride_g, stride_u, k, dtype, stream_of(stream));
+        },
+        py::arg("g"), py::arg("u"), py::arg("row_scale"), py::arg("n_rows"), py::arg("v"),
+        py::arg("stride_g"), py::arg("stride_u"), py::arg("k"), py::arg("dtype"),
+        py::arg("device"), py::arg("stream"),
+        "g[n, :v] *= k * sech^2(u) (u != 0) * row_scale[n] (row_scale != 0), in place.");
 
     m.def(
         "topk",

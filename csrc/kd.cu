@@ -74,14 +74,14 @@ int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 KdPlan make_plan(int64_t v, int dtype, int div, int device, int force_path, int force_cluster) {
     if (v < 1 || v > INT_MAX - 64) throw std::invalid_argument("kd_fwd: v must be in [1, 2^31 - 64)");
-    if (force_path < kPathAuto || force_path > kPathSmem)
+    if (force_path < kAuto || force_path > kSmem)
         throw std::invalid_argument("kd_fwd: force_path must be -1 (auto), 0 (stream) or 1 (smem)");
     if (force_cluster != 0 && force_cluster != 1 && force_cluster != 2 && force_cluster != 4 &&
         force_cluster != 8)
         throw std::invalid_argument("kd_fwd: force_cluster must be 0 (choose), 1, 2, 4 or 8");
     const DeviceInfo& dev = device_info(device);
-    KdPlan plan{kPathStream, 1, pick_threads(v), v, 0};
-    if (force_path == kPathStream) return plan;
+    KdPlan plan{kStream, 1, pick_threads(v), v, 0};
+    if (force_path == kStream) return plan;
 
     RawKernel kernel = nullptr;
     with_kernel(div, dtype, [&](auto k) { kernel = k; });
@@ -104,14 +104,14 @@ KdPlan make_plan(int64_t v, int dtype, int div, int device, int force_path, int 
                                         static_cast<int>(bytes)),
                    "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
         if (c > 1 && !cluster_fits(kernel, c, threads, bytes)) return false;
-        *out = KdPlan{kPathSmem, c, threads, cpc, bytes};
+        *out = KdPlan{kSmem, c, threads, cpc, bytes};
         return true;
     };
 
     KdPlan smem_plan;
     if (force_cluster != 0) {
         if (!try_cluster(force_cluster, &smem_plan)) {
-            if (force_path == kPathSmem) {
+            if (force_path == kSmem) {
                 throw std::invalid_argument(
                     "kd_fwd: the requested shared-memory plan (cluster " +
                     std::to_string(force_cluster) + ") does not fit this device for v=" +
@@ -131,7 +131,7 @@ KdPlan make_plan(int64_t v, int dtype, int div, int device, int force_path, int 
     for (int c = kMaxCluster; c >= 1; c /= 2) {
         if (try_cluster(c, &smem_plan)) return smem_plan;
     }
-    if (force_path == kPathSmem) {
+    if (force_path == kSmem) {
         throw std::invalid_argument("kd_fwd: a row of v=" + std::to_string(v) +
                                     " does not fit in shared memory on this device");
     }
@@ -170,7 +170,7 @@ void kd_fwd(const KdFwdArgs& p, const KdPlan& plan, cudaStream_t stream) {
         throw std::invalid_argument("kd_fwd: null pointer");
     if (plan.threads % kWarp != 0 || plan.threads < kWarp || plan.threads > kKdThreads)
         throw std::invalid_argument("kd_fwd: plan.threads must be a multiple of 32 in [32, 256]");
-    const bool smem = plan.path == kPathSmem;
+    const bool smem = plan.path == kSmem;
     const int csize = smem ? plan.cluster : 1;
     const int64_t cpc = smem ? plan.cols_per_cta : p.v;
     if (smem && (cpc % 8 != 0 || cpc * csize < p.v))

@@ -1,6 +1,7 @@
 """kdkernels: exact, fused kernels for knowledge-distillation losses at LLM vocabulary sizes."""
 
-from ._backend import BackendUnavailableError
+from ._core.backend import BackendUnavailableError
+from ._version import __version__
 from .fused_linear import fused_linear_kd_loss
 from .graph import graph_on_logits_loss, topk_logit_graph
 from .kd import DIVERGENCES, TAIDSchedule, kd_loss
@@ -13,10 +14,9 @@ from .nn import (
     TopKKDLoss,
 )
 from .pld import plackett_luce_loss
+from .select import topk_select
 from .sinkhorn import sinkhorn, sinkhorn_loss
 from .topk import topk_kd_loss
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
@@ -36,5 +36,6 @@ __all__ = [
     "sinkhorn_loss",
     "topk_logit_graph",
     "topk_kd_loss",
+    "topk_select",
     "__version__",
 ]

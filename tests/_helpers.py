@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -14,6 +16,29 @@ requires_gpu = pytest.mark.skipif(
 ATOL = {torch.float16: 1e-5, torch.bfloat16: 1e-4, torch.float32: 1e-6, torch.float64: 1e-12}
 
 
+def max_abs_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |x − ref| in float64 (NaN counts as infinitely wrong)."""
+    return (x.double() - ref.double()).nan_to_num(nan=math.inf).abs().max().item()
+
+
+def assert_lowp(fast, low, ref, dtype, *, measure=max_abs_err, slack: float = 0.0) -> None:
+    """The low-precision rule: |fast − ref64| <= 2·|torch_lowp − ref64| + ATOL[dtype] + slack.
+
+    fast: our result; low: PyTorch's own computation in the low-precision dtype; ref: the
+    float64 oracle. measure: max_abs_err (element-wise) or rel_err (norm-wise). slack:
+    a documented extra floor (e.g. one ulp of a gradient rounded, then rescaled).
+    """
+    bound = 2 * measure(low, ref) + ATOL[dtype] + slack
+    err = measure(fast, ref)
+    assert err <= bound, f"error {err:.3g} > bound {bound:.3g} (2 × PyTorch's {dtype} error)"
+
+
+def grad_ulp(ref_grad: torch.Tensor, dtype) -> float:
+    """One ulp of `dtype` at the gradient's largest magnitude: the slack for a gradient that
+    is stored in `dtype` and then rescaled by the upstream gradient."""
+    return torch.finfo(dtype).eps * ref_grad.abs().max().item()
+
+
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Norm-wise relative error ||x - ref|| / ||ref|| in float64 (0 when both are 0)."""
     x, ref = x.double(), ref.double()
@@ -22,3 +47,25 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     if den == 0:
         return float(num)
     return float(num / den)
+
+
+def kernels_launched(fn) -> list[str]:
+    """Names of the GPU kernels that `fn()` launched (torch.profiler), in launch order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+
+
+def assert_launched(fn, *names: str, absent: tuple[str, ...] = ()) -> list[str]:
+    """Run `fn` under the profiler; every `names` entry must be a substring of a launched
+    kernel's name, no `absent` entry may be. CUDA kernels are `kdk::<name>`, Triton
+    kernels `_<name>`. Returns the launched names."""
+    launched = kernels_launched(fn)
+    for name in names:
+        assert any(name in k for k in launched), f"{name} did not launch: {launched}"
+    for name in absent:
+        assert not any(name in k for k in launched), f"{name} launched: {launched}"
+    return launched

@@ -1,4 +1,4 @@
-"""kd_loss (SPEC §1) against the float64 autograd oracle, on both CPU-runnable backends.
+"""kd_loss (docs/spec.md §1) against the float64 autograd oracle, on both CPU-runnable backends.
 
 The `triton` backend runs here under TRITON_INTERPRET=1 (set by conftest.py).
 """
@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from _helpers import ATOL, rel_err
+from _helpers import assert_lowp, grad_ulp, rel_err
 
 import kdkernels
 from kdkernels import DIVERGENCES, KDLoss, TAIDSchedule, kd_loss
@@ -158,15 +158,8 @@ def test_low_precision_within_twice_torch_error(backend, dtype, divergence):
     ref, ref_grad = run(kd_loss_ref, s.double(), t.double(), labels, go.double(), **kw)
     low, low_grad = run(kd_loss_ref, s, t, labels, go.to(dtype), compute_dtype=dtype, **kw)
 
-    def maxabs(x, r):
-        return (x.double() - r.double()).nan_to_num(nan=math.inf).abs().max().item()
-
-    # Floors: ATOL, and for the gradient one ulp of its dtype at its largest magnitude (the
-    # stored gradient is rounded to the dtype, then rescaled by the upstream gradient).
-    atol = ATOL[dtype]
-    ulp = torch.finfo(dtype).eps * ref_grad.abs().max().item()
-    assert maxabs(loss, ref) <= 2 * maxabs(low, ref) + atol
-    assert maxabs(grad, ref_grad) <= 2 * maxabs(low_grad, ref_grad) + atol + ulp
+    assert_lowp(loss, low, ref, dtype)
+    assert_lowp(grad, low_grad, ref_grad, dtype, slack=grad_ulp(ref_grad, dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

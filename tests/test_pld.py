@@ -1,4 +1,4 @@
-"""plackett_luce_loss (SPEC §3) against a float64 brute force (explicit sort and loop)."""
+"""plackett_luce_loss (docs/spec.md §3) against a float64 brute force (explicit sort and loop)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from _helpers import ATOL, rel_err
 
-import kdkernels.pld.chunked as pld_chunked
-from kdkernels._backend import BackendUnavailableError
-from kdkernels.pld import PlackettLuceLoss, plackett_luce_loss
+import kdkernels._core.chunking as chunking
+from kdkernels import PlackettLuceLoss, plackett_luce_loss
+from kdkernels._core.backend import BackendUnavailableError
 from kdkernels.pld.reference import plackett_luce_loss_ref
 
 IGNORE = -100
@@ -90,7 +90,7 @@ def test_low_precision_rounds_once(dtype):
 
 def test_chunk_boundaries(monkeypatch):
     # 2 rows per chunk, 15 rows: several chunks and a ragged last one
-    monkeypatch.setattr(pld_chunked, "CHUNK_ELEMS", 2 * 31)
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 2 * 31 * 8)
     s, t, y = _inputs((15,), 31)
     for top_k in (None, 2):
         loss, g = _run(plackett_luce_loss, s, t, y, top_k=top_k, reduction="sum")

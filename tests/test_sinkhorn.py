@@ -1,4 +1,4 @@
-"""SPEC §4: `sinkhorn` and `sinkhorn_loss` against float64 plain-loop references."""
+"""docs/spec.md §4: `sinkhorn` and `sinkhorn_loss` against float64 plain-loop references."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from _helpers import rel_err
 
-from kdkernels._backend import BackendUnavailableError
-from kdkernels.sinkhorn import SinkhornLoss, sinkhorn, sinkhorn_loss
+from kdkernels import SinkhornLoss, sinkhorn, sinkhorn_loss
+from kdkernels._core.backend import BackendUnavailableError
 from kdkernels.sinkhorn.reference import pairwise_cost_ref, sinkhorn_loss_ref, sinkhorn_ref
 
 TOL = {torch.float64: 1e-6, torch.float32: 1e-4}

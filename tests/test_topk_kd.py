@@ -1,4 +1,4 @@
-"""topk_kd_loss (SPEC §5, offline top-k distillation) against a float64 oracle."""
+"""topk_kd_loss (docs/spec.md §5, offline top-k distillation) against a float64 oracle."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 from _helpers import ATOL, rel_err
 
-import kdkernels.topk.chunked as topk_chunked
-from kdkernels._backend import BackendUnavailableError
+import kdkernels._core.chunking as chunking
+from kdkernels import TopKKDLoss, topk_kd_loss
+from kdkernels._core.backend import BackendUnavailableError
 from kdkernels.kd import kd_loss
-from kdkernels.topk import TopKKDLoss, topk_kd_loss
 from kdkernels.topk.reference import topk_kd_loss_ref
 
 IGNORE = -100
@@ -174,7 +174,7 @@ def test_degenerate_rows():
 
 
 def test_chunk_boundaries(monkeypatch):
-    monkeypatch.setattr(topk_chunked, "CHUNK_ELEMS", 3 * 17)  # a few rows per chunk
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 3 * 17 * 8)  # a few rows per chunk
     s, idx, vals, y = _inputs((14,), 17, 5, values="logprobs")
     for tail in ("renormalize", "bucket"):
         kw = dict(values="logprobs", tail=tail, reduction="sum")

@@ -1,7 +1,6 @@
-"""Fused linear + KD loss: the divergence family on two linear heads' logits (SPEC §2)."""
+"""Fused linear + KD loss: the divergence family on two linear heads' logits (docs/spec.md §2)."""
 
 from .chunking import choose_chunk_size
 from .function import fused_linear_kd_loss
-from .module import FusedLinearKDLoss
 
-__all__ = ["fused_linear_kd_loss", "FusedLinearKDLoss", "choose_chunk_size"]
+__all__ = ["fused_linear_kd_loss", "choose_chunk_size"]

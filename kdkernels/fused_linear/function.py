@@ -1,4 +1,4 @@
-"""`fused_linear_kd_loss`: validation, dispatch and the autograd.Function (SPEC §2).
+"""`fused_linear_kd_loss`: validation, dispatch and the autograd.Function (docs/spec.md §2).
 
 The whole loss and, when any student tensor needs a gradient, all student gradients are
 computed in the forward pass (chunked, see ops.py); the N x V logits never exist.
@@ -16,23 +16,26 @@ Backward by reduction:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
-from .._backend import BackendUnavailableError, explicit_backend, resolve_backend
-from .._validate import (
+from .._core.backend import Backend
+from .._core.rowgrad import loss_scale, reduce_rows, refuse_double_backward, rescale_stored
+from .._core.validate import (
+    Reduction,
     check_choice,
     check_float_tensor,
     check_int,
     check_number,
     check_same_device,
 )
-from ..kd.function import mean_scale, prepare_kd_args
-from ..kd.ops import scale_rows_
-from ..kd.params import ZERO, KDParams
+from ..kd.function import VocabMismatch, prepare_kd_args
+from ..kd.params import ZERO, Divergence, KDParams
 from .chunking import choose_chunk_size
-from .ops import fused_linear_kd_fwd
+from .ops import FUSED, fused_linear_kd_fwd
+
+WeightGradAccumulation = Literal["float32", "weight"]
 
 
 class _LogitsMeta(NamedTuple):
@@ -93,7 +96,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
         n = hs.shape[0]
         loss = torch.empty(n, dtype=torch.float32, device=hs.device)
         ctx.cfg, ctx.need = cfg, need
-        ctx.consumed = False
+        ctx.backend, ctx.consumed = cfg.backend, False
         if cfg.reduction == "none":
             empty = hs.new_empty(0)
             _run(hs, ws, bs, ht, wt, bt, labels, scale, None, loss, empty, empty, empty, cfg)
@@ -104,16 +107,16 @@ class FusedLinearKDFunction(torch.autograd.Function):
         _run(hs, ws, bs, ht, wt, bt, labels, scale, None, loss, gh, gw_v, gb_v, cfg)
         gw, gb = _finish(gw, ws), _finish(gb, bs)
         ctx.save_for_backward(gh if need[0] else None, gw, gb)
-        total = loss.sum()
-        return total * scale if cfg.reduction == "mean" else total
+        return reduce_rows(loss, scale, cfg.reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
         cfg, need = ctx.cfg, ctx.need
         if cfg.reduction == "none":
+            refuse_double_backward("fused_linear_kd_loss")
             hs, ws, bs, ht, wt, bt, labels = ctx.saved_tensors
             gh, gw, gb, gw_v, gb_v = _grad_buffers(hs, ws, bs, need, cfg.v,
-                                               cfg.acc_in_weight_dtype)
+                                                   cfg.acc_in_weight_dtype)
             ones = torch.ones((), dtype=torch.float32, device=hs.device)
             scratch = torch.empty(hs.shape[0], dtype=torch.float32, device=hs.device)
             row_scale = grad_out.reshape(-1).to(torch.float32).contiguous()
@@ -121,19 +124,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
             gh = gh if need[0] else None
             gw, gb = _finish(gw, ws), _finish(gb, bs)
         else:
-            if ctx.consumed:
-                raise RuntimeError(
-                    "fused_linear_kd_loss: backward was called twice through the same graph; "
-                    "the stored gradients are rescaled in place. Recompute the loss instead "
-                    "of retain_graph=True."
-                )
-            ctx.consumed = True
-            gh, gw, gb = ctx.saved_tensors
-            g = grad_out.to(torch.float32).contiguous()
-            kd_backend = cfg.backend
-            for t in (gh, gw, gb):
-                if t is not None and t.numel() > 0:
-                    scale_rows_(t.view(-1, t.shape[-1]), g, kd_backend)
+            gh, gw, gb = rescale_stored(ctx, grad_out, "fused_linear_kd_loss")
         return gh, gw, gb, None, None, None, None, None, None, None
 
 
@@ -180,34 +171,34 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_linear_kd_loss(
-    student_hidden,
-    student_weight,
-    teacher_hidden,
-    teacher_weight,
-    labels=None,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
     *,
-    student_bias=None,
-    teacher_bias=None,
-    student_softcap=None,
-    teacher_softcap=None,
-    student_logit_scale=1.0,
-    teacher_logit_scale=1.0,
-    divergence="forward_kl",
-    beta=0.5,
-    alpha=0.1,
-    taid_t=None,
-    temperature=1.0,
-    ignore_index=-100,
-    reduction="mean",
-    normalizer=None,
-    hard_label_weight=0.0,
-    soft_label_weight=1.0,
-    vocab_mismatch="error",
-    chunk_size=None,
-    weight_grad_accumulation="float32",
-    backend="auto",
-):
-    """KD loss on the logits of two linear heads, without materialising them (SPEC §2).
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    divergence: Divergence = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    taid_t: float | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    normalizer: float | torch.Tensor | None = None,
+    hard_label_weight: float = 0.0,
+    soft_label_weight: float = 1.0,
+    vocab_mismatch: VocabMismatch = "error",
+    chunk_size: int | None = None,
+    weight_grad_accumulation: WeightGradAccumulation = "float32",
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """KD loss on the logits of two linear heads, without materialising them (docs/spec.md §2).
 
     Equal to `kd_loss(S, T, labels, ...)` with S = f_s(student_hidden @ student_weightᵀ +
     student_bias) and T = f_t(teacher_hidden @ teacher_weightᵀ + teacher_bias), where
@@ -225,10 +216,10 @@ def fused_linear_kd_loss(
         student_softcap, teacher_softcap: None or c > 0 (Gemma-style logit softcapping).
         student_logit_scale, teacher_logit_scale: finite m (applied inside the softcap).
         divergence, beta, alpha, taid_t, temperature, ignore_index, reduction, normalizer,
-        hard_label_weight, soft_label_weight, vocab_mismatch: as in `kd_loss` (SPEC §1).
+        hard_label_weight, soft_label_weight, vocab_mismatch: as in `kd_loss` (docs/spec.md §1).
         chunk_size: token rows per chunk (int >= 1); default from the vocabulary, hidden
             sizes, dtypes and KDKERNELS_FUSED_CHUNK_BUDGET_MB (256 MiB), not from N.
-        weight_grad_accumulation: 'float32' (default, SPEC §2: the weight and bias
+        weight_grad_accumulation: 'float32' (default, docs/spec.md §2: the weight and bias
             gradients accumulate across chunks in float32, cast once at the end; costs a
             4·V·(H_s+1)-byte buffer) or 'weight' (accumulate in the weight's own dtype:
             each chunk's GEMM adds in float32 and rounds once into the gradient; no extra
@@ -264,19 +255,7 @@ def fused_linear_kd_loss(
         )
     else:
         chunk = check_int("chunk_size", chunk_size, lo=1)
-    be = resolve_backend(backend, device, op="fused_linear_kd_loss",
-                         supported=("cuda", "triton", "torch"))
-    if be == "cuda":  # the divergence step runs the CUDA kd kernel on the chunk's logits
-        from ..kd.cuda import unsupported_reason
-
-        reason = unsupported_reason(ws[:0], wt[:0])
-        if reason is not None:
-            if explicit_backend(backend):
-                raise BackendUnavailableError(
-                    f"fused_linear_kd_loss: backend='cuda' cannot run: {reason}"
-                )
-            be = resolve_backend(backend, device, op="fused_linear_kd_loss")
-
+    be = FUSED.resolve(backend, device, s_dtype=ws.dtype, t_dtype=wt.dtype)
     lead = hs.shape[:-1]
     grad_on = torch.is_grad_enabled()
     bs = student_bias
@@ -290,10 +269,7 @@ def fused_linear_kd_loss(
     wt, bt = wt.detach(), teacher_bias.detach() if teacher_bias is not None else None
     y = labels.reshape(-1).contiguous() if labels is not None else None
     n = hs2.shape[0]
-    if reduction == "mean":
-        scale = mean_scale(y, n, normalizer, prm.ignore_index, device)
-    else:
-        scale = torch.ones((), dtype=torch.float32, device=device)
+    scale = loss_scale(reduction, y, n, normalizer, prm.ignore_index, device)
     check_choice("weight_grad_accumulation", weight_grad_accumulation, ("float32", "weight"))
     cfg = FusedConfig(prm, v, reduction, be, chunk, s_cap, s_mult, t_cap, t_mult,
                       weight_grad_accumulation == "weight")
@@ -304,8 +280,5 @@ def fused_linear_kd_loss(
         empty = hs2.new_empty(0)
         _run(hs2.detach(), ws.detach(), bs.detach() if bs is not None else None, ht2, wt, bt,
              y, scale, None, loss, empty, empty, empty, cfg)
-        if reduction == "none":
-            out = loss
-        else:
-            out = loss.sum() * scale if reduction == "mean" else loss.sum()
+        out = reduce_rows(loss, scale, reduction)
     return out.reshape(lead) if reduction == "none" else out

@@ -24,63 +24,32 @@ from __future__ import annotations
 
 import torch
 
+from .._core.backend import Dispatch, Impl
+from .._core.chunking import chunk_rows
+from .._core.customop import custom_op
 from ..kd.ops import kd_fwd
 from ..kd.params import ZERO
 
-_BLOCK_ELEMS = 1 << 20  # element-wise torch ops run on row blocks of about this size
 _CUDA_OUT_DTYPE_GEMM = [True]  # addmm(..., out_dtype=float32) works here (until it raises)
 
-
-def _row_blocks(m: int, v: int):
-    rows = max(1, _BLOCK_ELEMS // max(v, 1))
-    for r0 in range(0, m, rows):
-        yield r0, min(m, r0 + rows)
-
-
-def _cdt(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _sech2_torch(u: torch.Tensor) -> torch.Tensor:
-    e = torch.exp(-2.0 * u.abs())
-    return 4.0 * e / (1.0 + e).square()
-
-
-def softcap_fwd_torch(u: torch.Tensor, out: torch.Tensor, cap: float) -> None:
-    """out[M, V] = cap·tanh(u[M, V]), computed in float32 (float64 for float64)."""
-    for r0, r1 in _row_blocks(u.shape[0], u.shape[1]):
-        out[r0:r1] = torch.tanh(u[r0:r1].to(_cdt(u))) * cap
-
-
-def softcap_bwd_torch(g: torch.Tensor, u, k: float, row_scale) -> None:
-    """g[M, V] *= k·sech²(u) (when u is given) · row_scale[M, None] (when given), in place."""
-    if u is None and row_scale is None:
-        return
-    for r0, r1 in _row_blocks(g.shape[0], g.shape[1]):
-        x = g[r0:r1].to(_cdt(g))
-        if u is not None:
-            x = x * (k * _sech2_torch(u[r0:r1].to(_cdt(g))))
-        if row_scale is not None:
-            x = x * row_scale[r0:r1].to(x.dtype).unsqueeze(-1)
-        g[r0:r1] = x
-
-
-def _softcap_fwd(u, out, cap, backend):
-    if backend == "triton":
-        from .triton import softcap_fwd_triton
-
-        softcap_fwd_triton(u, out, cap)
-    else:
-        softcap_fwd_torch(u, out, cap)
-
-
-def _softcap_bwd(g, u, k, row_scale, backend):
-    if backend == "triton":
-        from .triton import softcap_bwd_triton
-
-        softcap_bwd_triton(g, u, k, row_scale)
-    else:
-        softcap_bwd_torch(g, u, k, row_scale)
+# The whole chunk loop runs for every backend; the backend picks the divergence step
+# (kd_loss's table), the softcap kernels and the gradient rescale.
+FUSED = Dispatch("fused_linear_kd_loss", {
+    "cuda": Impl("kdkernels.fused_linear.ops:run_chunks",
+                 verify="kdkernels.kd.cuda:unsupported_reason", auto=False),
+    "triton": Impl("kdkernels.fused_linear.ops:run_chunks"),
+    "torch": Impl("kdkernels.fused_linear.ops:run_chunks"),
+})
+SOFTCAP_FWD = Dispatch("softcap_fwd", {
+    "cuda": Impl("kdkernels.fused_linear.cuda:softcap_fwd_cuda"),
+    "triton": Impl("kdkernels.fused_linear.triton:softcap_fwd_triton"),
+    "torch": Impl("kdkernels.fused_linear.pytorch:softcap_fwd_torch"),
+})
+SOFTCAP_BWD = Dispatch("softcap_bwd", {
+    "cuda": Impl("kdkernels.fused_linear.cuda:softcap_bwd_cuda"),
+    "triton": Impl("kdkernels.fused_linear.triton:softcap_bwd_triton"),
+    "torch": Impl("kdkernels.fused_linear.pytorch:softcap_bwd_torch"),
+})
 
 
 def _logits(h, w, b, alpha: float, out: torch.Tensor) -> None:
@@ -105,7 +74,7 @@ def _accumulate_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: 
             return
         except (RuntimeError, TypeError):
             _CUDA_OUT_DTYPE_GEMM[0] = False  # older torch: fall through, once
-    rows = max(1, _BLOCK_ELEMS // max(acc.shape[1], 1))
+    rows = chunk_rows(acc.shape[1])
     if a.is_cuda:
         # One GEMM per row block (float32 accumulation inside), rounded once, added in float32.
         for r0 in range(0, a.shape[0], rows):
@@ -116,9 +85,7 @@ def _accumulate_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: 
             acc[r0 : r0 + rows].addmm_(a[r0 : r0 + rows].to(acc.dtype), b32, alpha=alpha)
 
 
-@torch.library.custom_op(
-    "kdkernels::fused_linear_kd_fwd", mutates_args=("loss", "grad_h", "grad_w", "grad_b")
-)
+@custom_op("fused_linear_kd_fwd", mutates=("loss", "grad_h", "grad_w", "grad_b"))
 def fused_linear_kd_fwd(
     hs: torch.Tensor,
     ws: torch.Tensor,
@@ -159,6 +126,16 @@ def fused_linear_kd_fwd(
     caller asked for weight_grad_accumulation='weight'). s_cap/t_cap: softcap c,
     0 for none; s_mult/t_mult: logit scale m. v: vocabulary columns used (<= V_s, V_t).
     """
+    FUSED(backend, hs, ws, bs, ht, wt, bt, labels, scale, row_scale, loss, grad_h, grad_w,
+          grad_b, backend, chunk, s_cap, s_mult, t_cap, t_mult, div, inv_temp, w, soft_w,
+          hard_w, ignore_index, v)
+
+
+def run_chunks(
+        hs, ws, bs, ht, wt, bt, labels, scale, row_scale, loss, grad_h, grad_w, grad_b, backend,
+        chunk, s_cap, s_mult, t_cap, t_mult, div, inv_temp, w, soft_w, hard_w, ignore_index, v,
+) -> None:
+    """The chunk loop of `fused_linear_kd_fwd` (same arguments), every step on `backend`."""
     n = hs.shape[0]
     rows = min(chunk, n)
     if rows == 0:
@@ -182,28 +159,29 @@ def fused_linear_kd_fwd(
         if need_teacher:
             if t_cap > 0:
                 _logits(ht[r0:r1], wt_v, bt_v, t_mult / t_cap, t_blk)
-                _softcap_fwd(t_blk, t_blk, t_cap, backend)
+                SOFTCAP_FWD(backend, t_blk, t_blk, t_cap)
             else:
                 _logits(ht[r0:r1], wt_v, bt_v, t_mult, t_blk)
         if s_cap > 0:
             u_blk = u_buf[:m]
             _logits(h, ws_v, bs_v, s_mult / s_cap, u_blk)
-            _softcap_fwd(u_blk, s_blk, s_cap, backend)
+            SOFTCAP_FWD(backend, u_blk, s_blk, s_cap)
         else:
             u_blk = None
             _logits(h, ws_v, bs_v, s_mult, s_blk)
         y = labels[r0:r1] if labels is not None else None
         # The divergence kernel reads each logit before overwriting it with its gradient.
-        kd_fwd(s_blk, t_blk, y, scale, loss[r0:r1], s_blk if want_grad else no_grad, backend,
+        kd_fwd(s_blk, scale, loss[r0:r1], s_blk if want_grad else no_grad, backend, y, t_blk,
                div, inv_temp, w, soft_w, hard_w, ignore_index, v)
         if not want_grad:
             continue
         rs = row_scale[r0:r1] if row_scale is not None else None
         if u_blk is not None:  # dZ = dS · m·sech²(u) · r  (in place)
-            _softcap_bwd(s_blk, u_blk, s_mult, rs, backend)
+            SOFTCAP_BWD(backend, s_blk, u_blk, s_mult, rs)
             alpha = 1.0
         else:  # dZ = m · dS · r; m goes into the GEMMs' alpha
-            _softcap_bwd(s_blk, None, 1.0, rs, backend)
+            if rs is not None:
+                SOFTCAP_BWD(backend, s_blk, None, 1.0, rs)
             alpha = s_mult
         if want_h:
             g = grad_h[r0:r1]
@@ -212,10 +190,3 @@ def fused_linear_kd_fwd(
             _accumulate_f32(grad_w, s_blk.t(), h, alpha)
         if want_b:
             grad_b.add_(s_blk.sum(0, dtype=grad_b.dtype), alpha=alpha)
-
-
-@fused_linear_kd_fwd.register_fake
-def _fused_linear_kd_fwd_fake(hs, ws, bs, ht, wt, bt, labels, scale, row_scale, loss, grad_h,
-                              grad_w, grad_b, backend, chunk, s_cap, s_mult, t_cap, t_mult, div,
-                              inv_temp, w, soft_w, hard_w, ignore_index, v):
-    return None

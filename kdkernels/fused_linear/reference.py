@@ -30,7 +30,7 @@ def fused_linear_kd_loss_ref(
     student_logit_scale=1.0, teacher_logit_scale=1.0, compute_dtype=torch.float64,
     **kd_kwargs,
 ):
-    """SPEC §2 computed by materialising the logits; `kd_kwargs` as in `kd_loss_ref`."""
+    """docs/spec.md §2 computed by materialising the logits; `kd_kwargs` as in `kd_loss_ref`."""
     s = head_logits_ref(student_hidden, student_weight, student_bias, student_softcap,
                         student_logit_scale, compute_dtype)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The oracle for SPEC §5's graph half: adjacency built densely, GW summed over all pairs.
+"""The oracle for docs/spec.md §5's graph half: adjacency built densely, GW summed over all pairs.
 
 Unchunked and unoptimised on purpose: the top-k rows come from a stable full sort, the
 adjacency is the dense V × V matrix Σ_t a_t a_tᵀ restricted to the nodes, strengths are
@@ -49,7 +49,7 @@ def graph_on_logits_loss_ref(
     student_logits, teacher_logits, k: int, *, temperature=1.0, mask=None,
     compute_dtype=torch.float64,
 ):
-    """SPEC §5 `graph_on_logits_loss` in `compute_dtype` (no validation: the oracle)."""
+    """docs/spec.md §5 `graph_on_logits_loss` in `compute_dtype` (no validation: the oracle)."""
     s = student_logits.to(compute_dtype)
     t = teacher_logits.detach().to(compute_dtype)
     g, t_len = s.shape[:2]

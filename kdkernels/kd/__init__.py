@@ -1,4 +1,4 @@
-"""Softmax-KL divergence family on logits (SPEC §1)."""
+"""Softmax-KL divergence family on logits (docs/spec.md §1)."""
 
 from .function import kd_loss
 from .params import DIVERGENCES

@@ -19,40 +19,24 @@ import os
 
 import torch
 
-from .. import _ext
-from .._backend import BackendUnavailableError
+from .._core.codes import KdPath
+from .._core.cuda import DTYPE_CODES, check_rows, device_index, dtype_reason, module, stream
 from .params import FWD_KL, KDParams
 
-DTYPE_CODES = {
-    torch.float32: _ext.DTYPE_CODES["float32"],
-    torch.float16: _ext.DTYPE_CODES["float16"],
-    torch.bfloat16: _ext.DTYPE_CODES["bfloat16"],
-}
-_PATHS = {"auto": -1, "stream": 0, "smem": 1}
+_PATHS = {"auto": int(KdPath.AUTO), "stream": int(KdPath.STREAM), "smem": int(KdPath.SMEM)}
 
 
-def module():
-    """The loaded extension, or BackendUnavailableError with the reason and the fix."""
-    mod = _ext.load()
-    if mod is None:
-        raise BackendUnavailableError(f"backend='cuda' cannot run: {_ext.unavailable_reason()}")
-    return mod
-
-
-def unsupported_reason(s: torch.Tensor, t: torch.Tensor) -> str | None:
-    """None when the CUDA kd kernels take these logits, else why not (and what to do)."""
-    if s.dtype not in DTYPE_CODES:
-        return (
-            f"the cuda kd kernels take float32, float16 or bfloat16 logits, got {s.dtype}; "
-            "use backend='torch' (exact, any dtype) or cast the logits"
-        )
-    if t.dtype != s.dtype:
-        return (
-            f"the cuda kd kernels need student and teacher logits of one dtype, got {s.dtype} "
-            f"and {t.dtype}; cast the teacher (teacher_logits.to(student_logits.dtype)) or use "
+def unsupported_reason(s_dtype: torch.dtype, t_dtype: torch.dtype) -> str | None:
+    """None when the CUDA kd kernels take logits of these dtypes, else why not (and what
+    to do). The dispatch table's verifier for backend='cuda'."""
+    reason = dtype_reason("kd kernels", s_dtype)
+    if reason is None and t_dtype != s_dtype:
+        reason = (
+            f"the cuda kd kernels need student and teacher logits of one dtype, got {s_dtype} "
+            f"and {t_dtype}; cast the teacher (teacher_logits.to(student_logits.dtype)) or use "
             "backend='triton' or 'torch'"
         )
-    return None
+    return reason
 
 
 def plan_override() -> tuple[int, int]:
@@ -67,15 +51,6 @@ def plan_override() -> tuple[int, int]:
     return _PATHS[name], int(cluster) if cluster else 0
 
 
-def device_index(dev: torch.device) -> int:
-    return dev.index if dev.index is not None else torch.cuda.current_device()
-
-
-def _row_tensor(name: str, x: torch.Tensor) -> None:
-    if x.dim() != 2 or (x.shape[1] > 1 and x.stride(1) != 1):
-        raise ValueError(f"{name} must be a 2-D tensor with unit column stride")
-
-
 def kd_fwd_cuda(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int) -> None:
     """Fill loss_out[N] (float32) and, if grad_out is non-empty, grad_out[N, Vg] =
     scale·∂L_n/∂s (zero at ignored rows and at columns >= v).
@@ -88,16 +63,16 @@ def kd_fwd_cuda(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int) 
     n = s.shape[0]
     if n == 0:
         return
-    reason = unsupported_reason(s, t)
+    reason = unsupported_reason(s.dtype, t.dtype)
     if reason:
         raise TypeError(reason)
-    _row_tensor("student logits", s)
-    _row_tensor("teacher logits", t)
+    check_rows("student logits", s)
+    check_rows("teacher logits", t)
     if loss_out.dtype != torch.float32 or not loss_out.is_contiguous() or loss_out.numel() != n:
         raise ValueError("loss_out must be a contiguous float32 tensor with one entry per row")
     compute_grad = grad_out.numel() > 0
     if compute_grad:
-        _row_tensor("grad_out", grad_out)
+        check_rows("grad_out", grad_out)
         if grad_out.dtype != s.dtype or grad_out.shape[0] != n or grad_out.shape[1] < v:
             raise ValueError("grad_out must be [N, >= v] in the student logits' dtype")
     if scale.dtype != torch.float32:
@@ -105,10 +80,8 @@ def kd_fwd_cuda(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int) 
     if labels is not None and labels.dtype not in (torch.int32, torch.int64):
         labels = labels.long()
     force_path, force_cluster = plan_override()
-    mod = module()
     dev = s.device
-    stream = torch.cuda.current_stream(dev).cuda_stream
-    mod.kd_fwd(
+    module().kd_fwd(
         s.data_ptr(),
         t.data_ptr(),
         labels.data_ptr() if labels is not None else 0,
@@ -134,31 +107,9 @@ def kd_fwd_cuda(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int) 
         prm.ignore_index,
         compute_grad,
         device_index(dev),
-        stream,
+        stream(dev),
         force_path,
         force_cluster,
-    )
-
-
-def scale_rows_cuda(grad, scale) -> None:
-    """grad[N, V] *= scale ([N] or 0-dim float32 on the device), in place; rows whose
-    factor is exactly 1 are skipped on the device."""
-    n, v = grad.shape
-    if n == 0 or v == 0:
-        return
-    if grad.dtype not in DTYPE_CODES:
-        if scale.dim() == 0:
-            grad.mul_(scale)
-        else:
-            grad.mul_(scale.unsqueeze(-1).to(grad.dtype))
-        return
-    _row_tensor("grad", grad)
-    scale = scale.to(torch.float32).contiguous()
-    mod = module()
-    dev = grad.device
-    mod.scale_rows(
-        grad.data_ptr(), scale.data_ptr(), scale.dim() > 0, n, v, grad.stride(0),
-        DTYPE_CODES[grad.dtype], device_index(dev), torch.cuda.current_stream(dev).cuda_stream,
     )
 
 

@@ -1,12 +1,15 @@
-"""`kd_loss`: validation, backend dispatch and the autograd.Function (SPEC §1)."""
+"""`kd_loss`: validation, backend dispatch and the autograd.Function (docs/spec.md §1)."""
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
-from .._backend import BackendUnavailableError, explicit_backend, resolve_backend
-from .._rowgrad import as_rows, rescaled_grad, save_and_reduce
-from .._validate import (
+from .._core.backend import Backend
+from .._core.rowgrad import as_rows, row_loss, row_loss_function
+from .._core.validate import (
+    Reduction,
     check_choice,
     check_float_tensor,
     check_int,
@@ -16,35 +19,13 @@ from .._validate import (
     check_reduction,
     check_same_device,
 )
-from .ops import kd_fwd
-from .params import DIVERGENCES, KDParams, canonical
+from .ops import KD_FWD, kd_fwd
+from .params import DIVERGENCES, Divergence, canonical
 
-VOCAB_MISMATCH = ("error", "truncate")
-# Preference order on a GPU (auto takes cuda only for ops listed in _backend._auto_cuda_ops).
-KD_BACKENDS = ("cuda", "triton", "torch")
+VocabMismatch = Literal["error", "truncate"]
+VOCAB_MISMATCH: tuple[str, ...] = get_args(VocabMismatch)
 
-
-class KDLossFunction(torch.autograd.Function):
-    """Forward computes the loss and (if needed) the scaled gradient; backward rescales it.
-
-    Inputs: s [N, Vs], t [N, Vt] (unit column stride), labels [N] or None, scale 0-dim
-    float32 (1/denominator for mean, else 1).
-    """
-
-    @staticmethod
-    def forward(ctx, s, t, labels, scale, prm: KDParams, v: int, reduction: str, backend: str):
-        n = s.shape[0]
-        loss = torch.empty(n, dtype=torch.float32, device=s.device)
-        want_grad = ctx.needs_input_grad[0]
-        grad = torch.empty_like(s) if want_grad else s.new_empty(0)
-        if n > 0:
-            kd_fwd(s, t, labels, scale, loss, grad, backend, prm.div, prm.inv_temp, prm.w,
-                   prm.soft_w, prm.hard_w, prm.ignore_index, v)
-        return save_and_reduce(ctx, loss, grad, scale, reduction, backend)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return (rescaled_grad(ctx, grad_out, "kd_loss"),) + (None,) * 7
+KDLossFunction = row_loss_function("kd_loss", kd_fwd)
 
 
 def prepare_kd_args(
@@ -96,37 +77,25 @@ def prepare_kd_args(
     return prm, v, normalizer
 
 
-def mean_scale(labels, n_rows: int, normalizer, ignore_index: int, device) -> torch.Tensor:
-    """0-dim float32 tensor 1/denominator for reduction='mean', built without a host sync."""
-    if normalizer is None:
-        if labels is None:
-            return torch.full((), 1.0 / max(1, n_rows), dtype=torch.float32, device=device)
-        count = (labels != ignore_index).sum().clamp_min(1)
-        return count.to(torch.float32).reciprocal()
-    if isinstance(normalizer, torch.Tensor):
-        return normalizer.to(device=device, dtype=torch.float32).reciprocal()
-    return torch.full((), 1.0 / normalizer, dtype=torch.float32, device=device)
-
-
 def kd_loss(
-    student_logits,
-    teacher_logits,
-    labels=None,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
     *,
-    divergence="forward_kl",
-    beta=0.5,
-    alpha=0.1,
-    taid_t=None,
-    temperature=1.0,
-    ignore_index=-100,
-    reduction="mean",
-    normalizer=None,
-    hard_label_weight=0.0,
-    soft_label_weight=1.0,
-    vocab_mismatch="error",
-    backend="auto",
-):
-    """Knowledge-distillation loss between student and teacher logits (SPEC §1).
+    divergence: Divergence = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    taid_t: float | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    normalizer: float | torch.Tensor | None = None,
+    hard_label_weight: float = 0.0,
+    soft_label_weight: float = 1.0,
+    vocab_mismatch: VocabMismatch = "error",
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Knowledge-distillation loss between student and teacher logits (docs/spec.md §1).
 
     Args:
         student_logits: [..., V_s] float tensor (fp16/bf16/fp32/fp64); gets the gradient.
@@ -157,21 +126,7 @@ def kd_loss(
         normalizer=normalizer, hard_label_weight=hard_label_weight,
         soft_label_weight=soft_label_weight, vocab_mismatch=vocab_mismatch,
     )
-    be = resolve_backend(backend, device, op="kd_loss", supported=KD_BACKENDS)
-    if be == "cuda":
-        from .cuda import unsupported_reason
-
-        reason = unsupported_reason(s, t)
-        if reason is not None:
-            if explicit_backend(backend):
-                raise BackendUnavailableError(f"kd_loss: backend='cuda' cannot run: {reason}")
-            be = resolve_backend(backend, device, op="kd_loss", supported=("triton", "torch"))
-    lead = s.shape[:-1]
-    s2, t2 = as_rows(s), as_rows(t.detach())
-    y = labels.reshape(-1) if labels is not None else None
-    if reduction == "mean":
-        scale = mean_scale(y, s2.shape[0], normalizer, prm.ignore_index, device)
-    else:
-        scale = torch.ones((), dtype=torch.float32, device=device)
-    out = KDLossFunction.apply(s2, t2, y, scale, prm, v, reduction, be)
-    return out.reshape(lead) if reduction == "none" else out
+    be = KD_FWD.resolve(backend, device, s_dtype=s.dtype, t_dtype=t.dtype)
+    return row_loss(KDLossFunction, kd_fwd, s, labels, as_rows(t.detach()), *prm, v,
+                    reduction=reduction, normalizer=normalizer, ignore_index=prm.ignore_index,
+                    backend=be)

@@ -10,20 +10,18 @@ first so kernels never see a degenerate mixture weight (log 0):
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
-DIVERGENCES = (
-    "forward_kl",
-    "reverse_kl",
-    "jsd",
-    "skew_forward_kl",
-    "skew_reverse_kl",
-    "tvd",
-    "taid",
-)
+from .._core.codes import Div
 
-# Kernel codes (constexpr in Triton, template switch in CUDA).
-ZERO, FWD_KL, REV_KL, JSD, SKEW_FWD, SKEW_REV, TVD, TAID = range(8)
+Divergence = Literal[
+    "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "taid"
+]
+DIVERGENCES: tuple[str, ...] = get_args(Divergence)
+
+# Kernel codes (constexpr in Triton, template switch in CUDA): the shared enum, as ints.
+ZERO, FWD_KL, REV_KL, JSD = int(Div.ZERO), int(Div.FWD_KL), int(Div.REV_KL), int(Div.JSD)
+SKEW_FWD, SKEW_REV, TVD, TAID = int(Div.SKEW_FWD), int(Div.SKEW_REV), int(Div.TVD), int(Div.TAID)
 _CODES = {
     "forward_kl": FWD_KL,
     "reverse_kl": REV_KL,

@@ -1,4 +1,4 @@
-"""The oracle for `kd_loss`: SPEC §1 written directly, differentiated by autograd.
+"""The oracle for `kd_loss`: docs/spec.md §1 written directly, differentiated by autograd.
 
 Unchunked and unoptimised on purpose: every divergence is the textbook formula in
 probability space, so that the hand-derived gradients of the fast backends are checked
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .._core.oracle import reduce_ref
 
 
 def _kl(x, logx, logy):
@@ -86,7 +88,7 @@ def kd_loss_ref(
     vocab_mismatch="error",
     compute_dtype=torch.float64,
 ):
-    """SPEC §1 `kd_loss`, computed in `compute_dtype` (no validation: the oracle).
+    """docs/spec.md §1 `kd_loss`, computed in `compute_dtype` (no validation: the oracle).
 
     The loss comes back in `compute_dtype` so that a float64 oracle keeps its digits.
     Gradients flow to `student_logits` through autograd.
@@ -112,16 +114,3 @@ def kd_loss_ref(
         rows = rows + hard_label_weight * ce
     rows = torch.where(valid, rows, torch.zeros_like(rows))
     return reduce_ref(rows, lead, reduction, normalizer, valid.sum())
-
-
-def reduce_ref(rows, lead, reduction, normalizer, n_valid):
-    """SPEC's reductions of per-row losses `rows` [N] (0 at invalid rows): 'none' shapes
-    them like `lead`, 'sum' sums, 'mean' divides by `normalizer` or max(1, n_valid)."""
-    if reduction == "none":
-        return rows.reshape(lead)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    if normalizer is None:
-        normalizer = torch.as_tensor(n_valid).clamp_min(1)
-    return total / torch.as_tensor(normalizer, device=total.device).to(total.dtype)

@@ -1,10 +1,10 @@
-"""TAIDSchedule: the adaptive interpolation parameter t of TAID (SPEC §1, `taid_t`)."""
+"""TAIDSchedule: the adaptive interpolation parameter t of TAID (docs/spec.md §1, `taid_t`)."""
 
 from __future__ import annotations
 
 import math
 
-from .._validate import check_int, check_number
+from .._core.validate import check_int, check_number
 
 
 class TAIDSchedule:

@@ -1,10 +1,10 @@
-"""Triton kernels of the softmax-KL family (SPEC §1).
+"""Triton kernels of the softmax-KL family (docs/spec.md §1).
 
 One program per row streams the vocabulary in BLOCK_V tiles with an online softmax
 (running max and rescaled sum per distribution, merged exactly), float32 arithmetic,
 int64 row offsets, and no N x V float32 buffer. Per row:
 
-  pass 1  online log-sum-exp of a = s/τ (with its argmax kept apart, see chunked.py) and
+  pass 1  online log-sum-exp of a = s/τ (with its argmax kept apart, see pytorch.py) and
           of b = t/τ (or of the TAID mix; and of the untempered s when a tempered run has a
           hard-label term). Forward KL and TAID also accumulate their loss online:
           KL(p‖q) = Σp(b−a) − lse_b + lse_a with Σp(b−a) = Σ e^{b−M}(b−a) / Σ e^{b−M},
@@ -13,7 +13,7 @@ int64 row offsets, and no N x V float32 buffer. Per row:
           G' = Σ_{v≠j*} q_v g_v, g_{j*} with the final normalisers.
   pass 3  (only when the student needs a gradient) the gradient, in the input dtype:
           ∂L/∂s_j = scale·[soft_w/τ·q_j (g_j − ḡ) + hard_w·(softmax(s)_j − [j=y])]
-          (g as in chunked.py; forward KL and TAID use q − p and q − r directly).
+          (g as in pytorch.py; forward KL and TAID use q − p and q − r directly).
 
 The gradient is computed here, in the forward pass, rather than recomputed in backward:
 the logits need not be kept for backward (the caller may free both N x V inputs and only
@@ -27,7 +27,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .params import FWD_KL, JSD, REV_KL, SKEW_FWD, SKEW_REV, TAID, TVD, ZERO, KDParams  # noqa: F401
+from .._triton.math import log1p, logaddexp, online_step, safe_max, sigmoid, softplus
+from .._triton.tiles import row_tile
+from .params import FWD_KL, JSD, REV_KL, SKEW_FWD, SKEW_REV, TAID, TVD, ZERO, KDParams
 
 C_ZERO = tl.constexpr(ZERO)
 C_FWD = tl.constexpr(FWD_KL)
@@ -40,39 +42,9 @@ C_TAID = tl.constexpr(TAID)
 
 
 @triton.jit
-def _safe_max(m):
-    # A running max of -inf (all entries so far masked) must not produce inf - inf.
-    return tl.where(m == float("-inf"), 0.0, m)
-
-
-@triton.jit
-def _log1p(z):
-    # log(1 + z) accurate for tiny z (z >= 0): the rounding of 1 + z cancels in the ratio.
-    u = 1.0 + z
-    return tl.where(u == 1.0, z, tl.log(u) * (z / (u - 1.0)))
-
-
-@triton.jit
-def _logaddexp(x, y):
-    m = _safe_max(tl.maximum(x, y))
-    return m + tl.log(tl.exp(x - m) + tl.exp(y - m))
-
-
-@triton.jit
-def _softplus(x):
-    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
-
-
-@triton.jit
-def _sigmoid(x):
-    e = tl.exp(-tl.abs(x))
-    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-
-
-@triton.jit
 def _pair_terms(logq, logp, la_lb, dc, w, log_w, log_1mw, DIV: tl.constexpr):
     """Per-element (d, g) of the divergences that need normalised p and q: d sums to D_n,
-    g = ∂D/∂q shifted to vanish where p/q → 0 (chunked._pair_terms derives each form).
+    g = ∂D/∂q shifted to vanish where p/q → 0 (pytorch._pair_terms derives each form).
     la_lb = (a − M_a) − (b − b_ref) (b_ref = M_b, or b at the pivot for reverse KL), so
     log r = log p − log q = dc − la_lb without the normalisers' rounding."""
     q = tl.exp(logq)
@@ -82,19 +54,19 @@ def _pair_terms(logq, logp, la_lb, dc, w, log_w, log_1mw, DIV: tl.constexpr):
         g = tl.where(q > 0, la_lb, 0.0)
         d = tl.where(q > 0, q * (logq - logp), 0.0)
     elif DIV == C_JSD:  # m = βp + (1−β)q
-        logm = _logaddexp(logp + log_w, logq + log_1mw)
-        g = tl.where(q > 0, -(1.0 - w) * _softplus(log_w - log_1mw + log_r), 0.0)
+        logm = logaddexp(logp + log_w, logq + log_1mw)
+        g = tl.where(q > 0, -(1.0 - w) * softplus(log_w - log_1mw + log_r), 0.0)
         d = tl.where(p > 0, w * p * (logp - logm), 0.0) + tl.where(
             q > 0, (1.0 - w) * q * (logq - logm), 0.0)
     elif DIV == C_SKEW_FWD:  # m = αp + (1−α)q, D = KL(p‖m)
-        logm = _logaddexp(logp + log_w, logq + log_1mw)
+        logm = logaddexp(logp + log_w, logq + log_1mw)
         d = tl.where(p > 0, p * (logp - logm), 0.0)
-        g = tl.where(p > 0, -((1.0 - w) / w) * _sigmoid(log_w - log_1mw + log_r), 0.0)
+        g = tl.where(p > 0, -((1.0 - w) / w) * sigmoid(log_w - log_1mw + log_r), 0.0)
     elif DIV == C_SKEW_REV:  # m = (1−α)p + αq, D = KL(q‖m)
-        logm = _logaddexp(logp + log_1mw, logq + log_w)
+        logm = logaddexp(logp + log_1mw, logq + log_w)
         d = tl.where(q > 0, q * (logq - logm), 0.0)
         x = log_1mw - log_w + log_r
-        g = tl.where(q > 0, _sigmoid(x) - _softplus(x), 0.0)
+        g = tl.where(q > 0, sigmoid(x) - softplus(x), 0.0)
     else:  # tvd
         d = 0.5 * tl.abs(p - q)
         g = tl.where(q > p, 0.0, tl.where(q < p, -1.0, -0.5))
@@ -112,7 +84,7 @@ def _kd_fwd_kernel(
     # Notation: a = s/τ, b = t/τ, q = softmax(a), p = softmax(b). The student's running
     # max M_a sits at the pivot column j*; Z' = Σ_{v≠j*} e^{a_v − M_a} excludes it, so
     # log q = (a − M_a) − log1p(Z') and 1 − q_{j*} = Z'/(1+Z') carry no cancellation
-    # (chunked.py explains why). Rows of p use (M_b, Z_b) the same way without a pivot.
+    # (pytorch.py explains why). Rows of p use (M_b, Z_b) the same way without a pivot.
     row = tl.program_id(0).to(tl.int64)
     s_row = S + row * stride_s
     t_row = T + row * stride_t
@@ -148,7 +120,7 @@ def _kd_fwd_kernel(
             t_arg = tl.argmax(a, 0)
             new = t_max > m_a
             ma_new = tl.where(new, t_max, m_a)
-            ma_s = _safe_max(ma_new)
+            ma_s = safe_max(ma_new)
             ea = tl.exp(a - ma_s)
             ra = tl.exp(m_a - ma_s)
             old_piv = tl.where(m_a == NEG_INF, 0.0, 1.0)
@@ -157,10 +129,7 @@ def _kd_fwd_kernel(
             piv = tl.where(new, off + t_arg, piv)
             if NEED_B:
                 b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp
-                mb_new = tl.maximum(m_b, tl.max(b, 0))
-                mb_s = _safe_max(mb_new)
-                eb = tl.exp(b - mb_s)
-                rb = tl.exp(m_b - mb_s)
+                mb_new, eb, rb = online_step(m_b, b)
                 if DIV == C_FWD:  # Σ e^{b−M_b} (b − a)
                     acc = acc * rb + tl.sum(tl.where(eb > 0, eb * (b - a), 0.0), 0)
                 z_b = z_b * rb + tl.sum(eb, 0)
@@ -168,25 +137,21 @@ def _kd_fwd_kernel(
             if DIV == C_TAID:  # c = (1−λ) a + λ b; Σ e^{c−M_c} (c − a)
                 b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp
                 c = (1.0 - w) * a + w * b
-                mc_new = tl.maximum(m_b, tl.max(c, 0))
-                mc_s = _safe_max(mc_new)
-                ec = tl.exp(c - mc_s)
-                rc = tl.exp(m_b - mc_s)
+                mc_new, ec, rc = online_step(m_b, c)
                 acc = acc * rc + tl.sum(tl.where(ec > 0, ec * (c - a), 0.0), 0)
                 z_b = z_b * rc + tl.sum(ec, 0)
                 m_b = mc_new
             if SEPARATE_CE:
-                mx_new = tl.maximum(m_x, tl.max(x, 0))
-                mx_s = _safe_max(mx_new)
-                z_x = z_x * tl.exp(m_x - mx_s) + tl.sum(tl.exp(x - mx_s), 0)
+                mx_new, ex, rx = online_step(m_x, x)
+                z_x = z_x * rx + tl.sum(ex, 0)
                 m_x = mx_new
             m_a = ma_new
-        m_a = _safe_max(m_a)
-        m_b = _safe_max(m_b)
-        c_a = _log1p(zp)  # lse_a = M_a + c_a
+        m_a = safe_max(m_a)
+        m_b = safe_max(m_b)
+        c_a = log1p(zp)  # lse_a = M_a + c_a
         c_b = tl.log(z_b)  # lse_b = M_b + c_b (TAID: of the mix c)
         if SEPARATE_CE:
-            m_x = _safe_max(m_x)
+            m_x = safe_max(m_x)
             c_x = tl.log(z_x)
         else:
             m_x = m_a
@@ -286,36 +251,13 @@ def _kd_fwd_kernel(
                          mask=cols < V_G)
 
 
-@triton.jit
-def _scale_rows_kernel(G, SCALE, stride_g, V, PER_ROW: tl.constexpr, BLOCK_V: tl.constexpr):
-    """G[row, :] *= scale (per row or one scalar), skipped on the device when scale == 1."""
-    row = tl.program_id(0).to(tl.int64)
-    if PER_ROW:
-        sc = tl.load(SCALE + row).to(tl.float32)
-    else:
-        sc = tl.load(SCALE).to(tl.float32)
-    if sc != 1.0:
-        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-        msk = cols < V
-        ptr = G + row * stride_g + cols
-        g = tl.load(ptr, mask=msk, other=0.0).to(tl.float32)
-        tl.store(ptr, (g * sc).to(G.dtype.element_ty), mask=msk)
-
-
-def _block_v(v: int, on_cpu: bool) -> tuple[int, int]:
-    cap = 2048 if on_cpu else 4096
-    block = max(16, min(triton.next_power_of_2(max(v, 1)), cap))
-    num_warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
-    return block, num_warps
-
-
 def kd_fwd_triton(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int) -> None:
-    """Same contract as chunked.kd_fwd_torch (see there); s/t/grad rows have unit column stride."""
+    """Same contract as pytorch.kd_fwd_torch (see there); s/t/grad rows have unit column stride."""
     n = s.shape[0]
     if n == 0:
         return
     compute_grad = grad_out.numel() > 0
-    block, warps = _block_v(v, s.device.type == "cpu")
+    block, warps = row_tile(v, s.device.type == "cpu")
     v_g = grad_out.shape[1] if compute_grad else v
     _kd_fwd_kernel[(n,)](
         s, t, labels if labels is not None else loss_out, scale, loss_out,
@@ -326,14 +268,3 @@ def kd_fwd_triton(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int
         TEMPERED=prm.inv_temp != 1.0, COMPUTE_GRAD=compute_grad, ZERO_TAIL=v_g > v,
         BLOCK_V=block, num_warps=warps,
     )
-
-
-def scale_rows_triton(grad, scale) -> None:
-    """grad[N, V] *= scale ([N] or 0-dim float32), in place."""
-    n, v = grad.shape
-    if n == 0 or v == 0:
-        return
-    block, warps = _block_v(v, grad.device.type == "cpu")
-    grid = (n, triton.cdiv(v, block))
-    _scale_rows_kernel[grid](grad, scale, grad.stride(0), v, PER_ROW=scale.dim() > 0,
-                             BLOCK_V=block, num_warps=warps)

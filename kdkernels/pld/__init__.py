@@ -1,6 +1,5 @@
-"""Plackett-Luce distillation (PLD) ranking loss (SPEC §3)."""
+"""Plackett-Luce distillation (PLD) ranking loss (docs/spec.md §3)."""
 
 from .function import plackett_luce_loss
-from .module import PlackettLuceLoss
 
-__all__ = ["plackett_luce_loss", "PlackettLuceLoss"]
+__all__ = ["plackett_luce_loss"]

@@ -1,12 +1,13 @@
-"""`plackett_luce_loss`: validation, backend dispatch and the autograd.Function (SPEC §3)."""
+"""`plackett_luce_loss`: validation, dispatch and the autograd (docs/spec.md §3)."""
 
 from __future__ import annotations
 
 import torch
 
-from .._backend import resolve_backend
-from .._rowgrad import as_rows, rescaled_grad, save_and_reduce
-from .._validate import (
+from .._core.backend import Backend
+from .._core.rowgrad import as_rows, row_loss, row_loss_function
+from .._core.validate import (
+    Reduction,
     check_float_tensor,
     check_int,
     check_labels,
@@ -15,46 +16,26 @@ from .._validate import (
     check_reduction,
     check_same_device,
 )
-from ..kd.function import mean_scale
-from .ops import pld_fwd
+from .ops import PLD_FWD, pld_fwd
 
-
-class PlackettLuceFunction(torch.autograd.Function):
-    """Forward computes the per-row losses and (if needed) the scaled gradient in one pass
-    over the rows; backward only rescales the stored gradient by the upstream gradient.
-
-    Inputs: s [N, V], t [N, V] (unit column stride), labels [N] or None, scale 0-dim
-    float32 (1/denominator for mean, else 1).
-    """
-
-    @staticmethod
-    def forward(ctx, s, t, labels, scale, inv_temp: float, top_k: int, ignore_index: int,
-                reduction: str, backend: str):
-        n = s.shape[0]
-        loss = torch.empty(n, dtype=torch.float32, device=s.device)
-        grad = torch.empty_like(s) if ctx.needs_input_grad[0] else s.new_empty(0)
-        if n > 0:
-            pld_fwd(s, t, labels, scale, loss, grad, backend, inv_temp, top_k, ignore_index)
-        return save_and_reduce(ctx, loss, grad, scale, reduction, backend)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return (rescaled_grad(ctx, grad_out, "plackett_luce_loss"),) + (None,) * 8
+# Forward computes the per-row losses and (if needed) the scaled gradient in one pass over
+# the rows; backward only rescales the stored gradient by the upstream gradient.
+PlackettLuceFunction = row_loss_function("plackett_luce_loss", pld_fwd)
 
 
 def plackett_luce_loss(
-    student_logits,
-    teacher_logits,
-    labels=None,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
     *,
-    temperature=1.0,
-    top_k=None,
-    ignore_index=-100,
-    reduction="mean",
-    normalizer=None,
-    backend="auto",
-):
-    """Plackett-Luce distillation loss (PLD, SPEC §3).
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    normalizer: float | torch.Tensor | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Plackett-Luce distillation loss (PLD, docs/spec.md §3).
 
     Per row the ranking π puts the label first (when labels are given), then every other
     class by descending teacher logit, ties broken by lower class index; with
@@ -94,14 +75,7 @@ def plackett_luce_loss(
     check_reduction(reduction)
     check_labels(labels, s.shape[:-1], v, ignore_index, device)
     normalizer = check_normalizer(normalizer)
-    be = resolve_backend(backend, device, op="plackett_luce_loss", supported=("torch",))
-    lead = s.shape[:-1]
-    s2, t2 = as_rows(s), as_rows(t.detach())
-    y = labels.reshape(-1) if labels is not None else None
-    if reduction == "mean":
-        scale = mean_scale(y, s2.shape[0], normalizer, ignore_index, device)
-    else:
-        scale = torch.ones((), dtype=torch.float32, device=device)
-    out = PlackettLuceFunction.apply(s2, t2, y, scale, 1.0 / temperature, k, ignore_index,
-                                     reduction, be)
-    return out.reshape(lead) if reduction == "none" else out
+    be = PLD_FWD.resolve(backend, device)
+    return row_loss(PlackettLuceFunction, pld_fwd, s, labels, as_rows(t.detach()),
+                    1.0 / temperature, k, ignore_index, reduction=reduction,
+                    normalizer=normalizer, ignore_index=ignore_index, backend=be)

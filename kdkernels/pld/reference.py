@@ -1,4 +1,4 @@
-"""The oracle for `plackett_luce_loss`: SPEC §3 written as a literal sort and loop.
+"""The oracle for `plackett_luce_loss`: docs/spec.md §3 written as a literal sort and loop.
 
 Deliberately naive (O(V²) per row, Python loops): the ranking is built with Python's
 `sorted` on the key (label first, −teacher logit, class index), each suffix
@@ -26,7 +26,7 @@ def plackett_luce_loss_ref(
     normalizer=None,
     compute_dtype=torch.float64,
 ):
-    """SPEC §3 in `compute_dtype` (no validation: the oracle). Loss in `compute_dtype`.
+    """docs/spec.md §3 in `compute_dtype` (no validation: the oracle). Loss in `compute_dtype`.
 
     student_logits, teacher_logits: [..., V]; labels: [...] or None.
     Gradients flow to `student_logits` through autograd.

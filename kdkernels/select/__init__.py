@@ -1,4 +1,4 @@
-"""Top-k selection over large vocabularies (the building block of top-k losses)."""
+"""Top-k selection over large vocabularies (the building block of every top-k loss)."""
 
 from .function import topk_select
 from .reference import topk_select_ref

@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import torch
 
-from ..kd.cuda import DTYPE_CODES, device_index, module
+from .._core.cuda import DTYPE_CODES, device_index, dtype_reason, module, stream
 
 MAX_K = 256
 
 
-def unsupported_reason(x: torch.Tensor, k: int) -> str | None:
+def unsupported_reason(dtype: torch.dtype, k: int) -> str | None:
     """None when the CUDA kernel takes this input, else why not (and what to do)."""
-    if x.dtype not in DTYPE_CODES:
-        return (
-            f"the cuda top-k kernel takes float32, float16 or bfloat16, got {x.dtype}; "
-            "use backend='torch'"
-        )
-    if k > MAX_K:
-        return f"the cuda top-k kernel supports k <= {MAX_K}, got k={k}; use backend='torch'"
-    return None
+    reason = dtype_reason("top-k kernel", dtype)
+    if reason is None and k > MAX_K:
+        reason = f"the cuda top-k kernel supports k <= {MAX_K}, got k={k}; use backend='torch'"
+    return reason
 
 
 def topk_select_cuda(x: torch.Tensor, k: int, values: torch.Tensor,
@@ -32,5 +28,5 @@ def topk_select_cuda(x: torch.Tensor, k: int, values: torch.Tensor,
     dev = x.device
     module().topk(
         x.data_ptr(), x.stride(0), n, v, k, DTYPE_CODES[x.dtype], values.data_ptr(),
-        indices.data_ptr(), device_index(dev), torch.cuda.current_stream(dev).cuda_stream,
+        indices.data_ptr(), device_index(dev), stream(dev),
     )

@@ -1,6 +1,5 @@
-"""Entropic optimal transport: `sinkhorn` and SinKD's `sinkhorn_loss` (SPEC §4)."""
+"""Log-domain Sinkhorn solver and SinKD's batch-wise OT loss (docs/spec.md §4)."""
 
 from .function import sinkhorn, sinkhorn_loss
-from .module import SinkhornLoss
 
-__all__ = ["sinkhorn", "sinkhorn_loss", "SinkhornLoss"]
+__all__ = ["sinkhorn", "sinkhorn_loss"]

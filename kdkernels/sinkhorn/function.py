@@ -1,23 +1,27 @@
-"""`sinkhorn` and `sinkhorn_loss`: validation, dispatch, assembly (SPEC §4)."""
+"""`sinkhorn` and `sinkhorn_loss`: validation, dispatch, assembly (docs/spec.md §4)."""
 
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 
-from .._backend import resolve_backend
-from .._validate import (
+from .._core.backend import Backend
+from .._core.validate import (
     check_choice,
     check_float_tensor,
     check_int,
     check_number,
     check_same_device,
 )
-from .cost import COSTS, PairwiseCostFunction
-from .solver import SinkhornFunction, plan_from_potentials, sinkhorn_iterate
+from .ops import SINKHORN, SINKHORN_LOSS
 
-GRADS = ("unrolled", "envelope")
+SinkhornCost = Literal["l1", "sqeuclidean"]
+SinkhornGrad = Literal["unrolled", "envelope"]
+COSTS: tuple[str, ...] = get_args(SinkhornCost)
+GRADS: tuple[str, ...] = get_args(SinkhornGrad)
+
 
 
 def _compute_dtype(x: torch.Tensor):
@@ -47,8 +51,17 @@ def _log_marginal(name, w, lead, size, cdt, device):
     return w.log()
 
 
-def sinkhorn(cost, a=None, b=None, *, epsilon, n_iters, tol=None):
-    """Entropic optimal transport in the log domain, batched (SPEC §4).
+def sinkhorn(
+    cost: torch.Tensor,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    *,
+    epsilon: float,
+    n_iters: int,
+    tol: float | None = None,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropic optimal transport in the log domain, batched (docs/spec.md §4).
 
     From f = g = 0, each iteration sets
     f_i = ε log a_i − ε LSE_j((g_j − C_ij)/ε), then g_j = ε log b_j − ε LSE_i((f_i − C_ij)/ε).
@@ -64,6 +77,7 @@ def sinkhorn(cost, a=None, b=None, *, epsilon, n_iters, tol=None):
         tol: optional; stop after the first iteration where the row-marginal error
             max over the batch of Σ_i |Σ_j P_ij − a_i| is below `tol` (costs a host
             sync per iteration).
+        backend: 'auto' | 'torch'.
 
     Returns:
         (f [..., B1], g [..., B2]) in float32 (float64 for a float64 cost). Differentiable
@@ -85,23 +99,24 @@ def sinkhorn(cost, a=None, b=None, *, epsilon, n_iters, tol=None):
     cdt = _compute_dtype(cost)
     log_a = _log_marginal("a", a, lead, b1, cdt, device)
     log_b = _log_marginal("b", b, lead, b2, cdt, device)
+    be = SINKHORN.resolve(backend, device)
     c = cost.to(cdt).reshape(-1, b1, b2)
-    f, g = SinkhornFunction.apply(c, log_a, log_b, epsilon, n_iters, tol)
+    f, g = SINKHORN(be, c, log_a, log_b, epsilon, n_iters, tol)
     return f.reshape(*lead, b1), g.reshape(*lead, b2)
 
 
 def sinkhorn_loss(
-    student_logits,
-    teacher_logits,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
     *,
-    temperature=1.0,
-    cost="l1",
-    epsilon=0.1,
-    n_iters=20,
-    grad="unrolled",
-    backend="auto",
-):
-    """SinKD's batch-wise Sinkhorn distance between tempered softmaxes (SPEC §4).
+    temperature: float = 1.0,
+    cost: SinkhornCost = "l1",
+    epsilon: float = 0.1,
+    n_iters: int = 20,
+    grad: SinkhornGrad = "unrolled",
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """SinKD's batch-wise Sinkhorn distance between tempered softmaxes (docs/spec.md §4).
 
     With p_s = softmax(s/τ) and p_t = softmax(t/τ) over the vocabulary, the cost between
     row i of the student and row j of the teacher is C_ij = Σ_v |p_s[i,v] − p_t[j,v]|
@@ -141,23 +156,11 @@ def sinkhorn_loss(
         raise ValueError(
             f"student_logits must have B >= 1 rows and V >= 1 classes, got {tuple(s.shape)}"
         )
-    resolve_backend(backend, device, op="sinkhorn_loss", supported=("torch",))
-    m = math.prod(lead)
-    if m == 0:
+    be = SINKHORN_LOSS.resolve(backend, device)
+    if math.prod(lead) == 0:
         return s.new_zeros((), dtype=torch.float32) + 0.0 * s.sum()
-    cdt = _compute_dtype(s)
     s2 = (s if s.is_contiguous() else s.contiguous()).reshape(-1, v)
     t2 = t.detach()
     t2 = (t2 if t2.is_contiguous() else t2.contiguous()).reshape(-1, v)
-    c = PairwiseCostFunction.apply(s2, t2, bsz, 1.0 / temperature, cost, cdt)  # [M, B, B]
-    log_u = torch.full((m, bsz), -math.log(bsz), dtype=cdt, device=device)
-    if grad == "unrolled":
-        f, g = SinkhornFunction.apply(c, log_u, log_u.clone(), epsilon, n_iters, None)
-        plan = plan_from_potentials(f, g, c, epsilon)
-    else:
-        with torch.no_grad():
-            ce = c / epsilon
-            phi, psi, _, _ = sinkhorn_iterate(ce, log_u, log_u, n_iters)
-            plan = torch.exp(phi.unsqueeze(-1) + psi.unsqueeze(-2) - ce)
-    loss = (plan * c).sum(dim=(-2, -1)).mean()
-    return loss.float()
+    return SINKHORN_LOSS(be, s2, t2, bsz, 1.0 / temperature, cost, epsilon, n_iters, grad,
+                         _compute_dtype(s))

@@ -1,4 +1,4 @@
-"""The oracle for SPEC §4: the formulas written as plain loops, differentiated by autograd.
+"""The oracle for docs/spec.md §4: the formulas written as plain loops, differentiated by autograd.
 
 Unchunked and unoptimised on purpose: the pairwise cost is built from the full
 B × B × V difference tensor and the Sinkhorn iterations are a plain Python loop whose
@@ -13,7 +13,7 @@ import torch
 
 
 def sinkhorn_ref(cost, a=None, b=None, *, epsilon, n_iters):
-    """SPEC §4 `sinkhorn` for cost [..., B1, B2] (a [.., B1], b [.., B2] or None), in
+    """docs/spec.md §4 `sinkhorn` for cost [..., B1, B2] (a [.., B1], b [.., B2] or None), in
     cost's dtype; returns (f, g) with autograd through every iteration."""
     *lead, b1, b2 = cost.shape
     if a is None:
@@ -52,7 +52,7 @@ def sinkhorn_loss_ref(
     grad="unrolled",
     compute_dtype=torch.float64,
 ):
-    """SPEC §4 `sinkhorn_loss` in `compute_dtype` (no validation: the oracle).
+    """docs/spec.md §4 `sinkhorn_loss` in `compute_dtype` (no validation: the oracle).
 
     `unrolled` differentiates through every recorded iteration; `envelope` detaches the
     plan. The loss comes back in `compute_dtype`.

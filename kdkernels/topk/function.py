@@ -1,12 +1,16 @@
-"""`topk_kd_loss`: validation, backend dispatch and the autograd.Function (SPEC §5)."""
+"""`topk_kd_loss`: validation, backend dispatch and the autograd.Function (docs/spec.md §5)."""
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
-from .._backend import resolve_backend
-from .._rowgrad import as_rows, rescaled_grad, save_and_reduce
-from .._validate import (
+from .._core.backend import Backend
+from .._core.codes import Div
+from .._core.rowgrad import row_loss, row_loss_function
+from .._core.validate import (
+    Reduction,
     check_choice,
     check_float_tensor,
     check_int,
@@ -17,39 +21,20 @@ from .._validate import (
     check_reduction,
     check_same_device,
 )
-from ..kd.function import mean_scale
-from .chunked import FWD_KL, JSD, REV_KL
-from .ops import topk_kd_fwd
+from .ops import TOPK_KD_FWD, topk_kd_fwd
 
-TOPK_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-VALUES = ("logits", "logprobs")
-TAILS = ("renormalize", "bucket")
+TopKDivergence = Literal["forward_kl", "reverse_kl", "jsd"]
+TopKValues = Literal["logits", "logprobs"]
+TopKTail = Literal["renormalize", "bucket"]
+TOPK_DIVERGENCES: tuple[str, ...] = get_args(TopKDivergence)
+VALUES: tuple[str, ...] = get_args(TopKValues)
+TAILS: tuple[str, ...] = get_args(TopKTail)
 # Slack for log-probabilities rounded in low precision: Σ exp(values) may exceed 1 by this.
 _LOGPROB_SLACK = 1e-2
 
-
-class TopKKDFunction(torch.autograd.Function):
-    """Forward computes the per-row losses and (if needed) the scaled gradient in one pass
-    over the rows; backward only rescales the stored gradient by the upstream gradient.
-
-    Inputs: s [N, V] (unit column stride), idx [N, k], vals [N, k], labels [N] or None,
-    scale 0-dim float32 (1/denominator for mean, else 1).
-    """
-
-    @staticmethod
-    def forward(ctx, s, idx, vals, labels, scale, code: int, beta: float, inv_temp: float,
-                logprobs: bool, bucket: bool, ignore_index: int, reduction: str, backend: str):
-        n = s.shape[0]
-        loss = torch.empty(n, dtype=torch.float32, device=s.device)
-        grad = torch.empty_like(s) if ctx.needs_input_grad[0] else s.new_empty(0)
-        if n > 0:
-            topk_kd_fwd(s, idx, vals, labels, scale, loss, grad, backend, code, beta, inv_temp,
-                        logprobs, bucket, ignore_index)
-        return save_and_reduce(ctx, loss, grad, scale, reduction, backend)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return (rescaled_grad(ctx, grad_out, "topk_kd_loss"),) + (None,) * 12
+# Forward computes the per-row losses and (if needed) the scaled gradient in one pass over
+# the rows; backward only rescales the stored gradient by the upstream gradient.
+TopKKDFunction = row_loss_function("topk_kd_loss", topk_kd_fwd)
 
 
 def _check_indices(idx: torch.Tensor, v: int) -> None:
@@ -92,22 +77,22 @@ def _check_logprobs(vals: torch.Tensor, idx: torch.Tensor) -> None:
 
 
 def topk_kd_loss(
-    student_logits,
-    teacher_topk_indices,
-    teacher_topk_values,
-    labels=None,
+    student_logits: torch.Tensor,
+    teacher_topk_indices: torch.Tensor,
+    teacher_topk_values: torch.Tensor,
+    labels: torch.Tensor | None = None,
     *,
-    values="logits",
-    tail="renormalize",
-    divergence="forward_kl",
-    beta=0.5,
-    temperature=1.0,
-    ignore_index=-100,
-    reduction="mean",
-    normalizer=None,
-    backend="auto",
-):
-    """Distillation from a teacher's stored top-k entries (SPEC §5).
+    values: TopKValues = "logits",
+    tail: TopKTail = "renormalize",
+    divergence: TopKDivergence = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    normalizer: float | torch.Tensor | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Distillation from a teacher's stored top-k entries (docs/spec.md §5).
 
     Student log-probs log_softmax(s/τ) over the full vocabulary are gathered at the
     teacher's indices. Teacher: values='logits' → softmax(values/τ) over the k entries;
@@ -183,21 +168,12 @@ def topk_kd_loss(
     _check_indices(idx, v)
     if values == "logprobs":
         _check_logprobs(vals, idx)
-    be = resolve_backend(backend, device, op="topk_kd_loss", supported=("torch",))
-
+    be = TOPK_KD_FWD.resolve(backend, device)
     # jsd's endpoints are the plain KLs (TRL), so kernels never see log 0 weights
-    code = {"forward_kl": FWD_KL, "reverse_kl": REV_KL, "jsd": JSD}[divergence]
-    if code == JSD and beta in (0.0, 1.0):
-        code = FWD_KL if beta == 0.0 else REV_KL
-    s2 = as_rows(s)
-    idx2 = idx.reshape(-1, k)
-    vals2 = vals.detach().reshape(-1, k)
-    y = labels.reshape(-1) if labels is not None else None
-    if reduction == "mean":
-        scale = mean_scale(y, s2.shape[0], normalizer, ignore_index, device)
-    else:
-        scale = torch.ones((), dtype=torch.float32, device=device)
-    out = TopKKDFunction.apply(s2, idx2, vals2, y, scale, code, beta, 1.0 / temperature,
-                               values == "logprobs", tail == "bucket", ignore_index,
-                               reduction, be)
-    return out.reshape(lead) if reduction == "none" else out
+    code = {"forward_kl": Div.FWD_KL, "reverse_kl": Div.REV_KL, "jsd": Div.JSD}[divergence]
+    if code == Div.JSD and beta in (0.0, 1.0):
+        code = Div.FWD_KL if beta == 0.0 else Div.REV_KL
+    return row_loss(TopKKDFunction, topk_kd_fwd, s, labels, idx.reshape(-1, k),
+                    vals.detach().reshape(-1, k), int(code), beta, 1.0 / temperature,
+                    values == "logprobs", tail == "bucket", ignore_index, reduction=reduction,
+                    normalizer=normalizer, ignore_index=ignore_index, backend=be)

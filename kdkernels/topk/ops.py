@@ -1,26 +1,27 @@
-"""torch.library custom op around the `topk_kd_loss` launchers.
-
-Registered with a fake implementation so that `torch.compile(fullgraph=True)` traces
-`topk_kd_loss` without graph breaks; the chunked loop stays opaque to the compiler.
-"""
+"""The dispatch table of `topk_kd_loss` and its custom op."""
 
 from __future__ import annotations
 
 import torch
 
-from .chunked import topk_kd_fwd_torch
+from .._core.backend import Dispatch, Impl
+from .._core.customop import custom_op
+
+TOPK_KD_FWD = Dispatch("topk_kd_loss", {
+    "torch": Impl("kdkernels.topk.pytorch:topk_kd_fwd_torch"),
+})
 
 
-@torch.library.custom_op("kdkernels::topk_kd_fwd", mutates_args=("loss", "grad"))
+@custom_op("topk_kd_fwd", mutates=("loss", "grad"))
 def topk_kd_fwd(
     s: torch.Tensor,
-    idx: torch.Tensor,
-    vals: torch.Tensor,
-    labels: torch.Tensor | None,
     scale: torch.Tensor,
     loss: torch.Tensor,
     grad: torch.Tensor,
     backend: str,
+    labels: torch.Tensor | None,
+    idx: torch.Tensor,
+    vals: torch.Tensor,
     code: int,
     beta: float,
     inv_temp: float,
@@ -31,14 +32,7 @@ def topk_kd_fwd(
     """Per-row losses into loss[N] and scale·∂L_n/∂s into grad[N, V] (skipped if grad is empty).
 
     s: [N, V]; idx: [N, k] (−1 = padding); vals: [N, k]; labels: [N] or None;
-    scale: 0-dim float32.
+    scale: 0-dim float32; code: a Div (forward KL, reverse KL or jsd).
     """
-    topk_kd_fwd_torch(s, idx, vals, labels, scale, loss, grad, code=code, beta=beta,
-                      inv_temp=inv_temp, logprobs=logprobs, bucket=bucket,
-                      ignore_index=ignore_index)
-
-
-@topk_kd_fwd.register_fake
-def _topk_kd_fwd_fake(s, idx, vals, labels, scale, loss, grad, backend, code, beta, inv_temp,
-                      logprobs, bucket, ignore_index):
-    return None
+    TOPK_KD_FWD(backend, s, scale, loss, grad, labels, idx, vals, code, beta, inv_temp,
+                logprobs, bucket, ignore_index)

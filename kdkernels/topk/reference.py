@@ -1,4 +1,4 @@
-"""The oracle for `topk_kd_loss`: SPEC §5 written directly, differentiated by autograd.
+"""The oracle for `topk_kd_loss`: docs/spec.md §5 written directly, differentiated by autograd.
 
 Row by row and in probability space on purpose: the student's full-vocabulary
 distribution is formed, gathered at the non-padded indices and renormalised (or given
@@ -44,7 +44,7 @@ def topk_kd_loss_ref(
     normalizer=None,
     compute_dtype=torch.float64,
 ):
-    """SPEC §5 in `compute_dtype` (no validation: the oracle). Loss in `compute_dtype`.
+    """docs/spec.md §5 in `compute_dtype` (no validation: the oracle). Loss in `compute_dtype`.
 
     student_logits: [..., V]; teacher_topk_indices, teacher_topk_values: [..., k];
     labels: [...] or None. Gradients flow to `student_logits` through autograd.

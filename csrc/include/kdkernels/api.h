@@ -11,7 +11,13 @@
 
 namespace kdk {
 
-// Divergence codes: kdkernels/kd/params.py (ZERO, FWD_KL, ...) in the same order.
+// The integer codes below mirror kdkernels/_core/codes.py (same names without the k,
+// same values); tests/test_codes.py fails when the two drift apart.
+
+// Element types of the kernels (codes.DType).
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Divergences of the softmax-KL family (codes.Div).
 enum Div : int {
     kZero = 0,
     kFwdKL = 1,
@@ -57,10 +63,15 @@ struct KdFwdArgs {
     bool compute_grad;
 };
 
-enum KdPath : int { kPathAuto = -1, kPathStream = 0, kPathSmem = 1 };
+// Per-entry cost of the Sinkhorn loss (codes.Cost) and top-k KD tail modes (codes.Tail).
+enum Cost : int { kL1 = 0, kSqEuclidean = 1 };
+enum Tail : int { kRenormalize = 0, kBucket = 1 };
 
-// How one row is processed: kPathStream = one block streams the row from global memory
-// (two or three passes); kPathSmem = `cluster` blocks (a thread-block cluster when > 1)
+// How the kd kernel processes a row (codes.KdPath).
+enum KdPath : int { kAuto = -1, kStream = 0, kSmem = 1 };
+
+// How one row is processed: kStream = one block streams the row from global memory
+// (two or three passes); kSmem = `cluster` blocks (a thread-block cluster when > 1)
 // hold the row in shared memory, cols_per_cta columns each, and read it from HBM once.
 struct KdPlan {
     int path;
@@ -70,8 +81,8 @@ struct KdPlan {
     size_t smem_bytes;  // dynamic shared memory per block
 };
 
-// Plan for rows of v columns on `device`. force_path: kPathAuto, kPathStream or kPathSmem;
-// force_cluster: 0 = choose, else the cluster size for kPathSmem (1, 2, 4 or 8).
+// Plan for rows of v columns on `device`. force_path: kAuto, kStream or kSmem;
+// force_cluster: 0 = choose, else the cluster size for kSmem (1, 2, 4 or 8).
 KdPlan kd_fwd_plan(int64_t v, int dtype, int div, int device, int force_path, int force_cluster);
 
 // Launch on `stream` (asynchronous; never synchronises).
@@ -81,6 +92,14 @@ void kd_fwd(const KdFwdArgs& args, const KdPlan& plan, cudaStream_t stream);
 // exactly 1 are left untouched.
 void scale_rows(void* grad, const float* scale, bool per_row, int64_t n_rows, int64_t v,
                 int64_t stride_g, int dtype, cudaStream_t stream);
+
+// Fused linear loss, element-wise on rows of v columns (strides in elements):
+// out[n, j] = cap·tanh(u[n, j]) (out may alias u), and
+// g[n, j] *= (k·sech²(u[n, j]) when u) · (row_scale[n] when row_scale), in place.
+void softcap_fwd(const void* u, void* out, int64_t n_rows, int64_t v, int64_t stride_u,
+                 int64_t stride_o, float cap, int dtype, cudaStream_t stream);
+void softcap_bwd(void* g, const void* u, const float* row_scale, int64_t n_rows, int64_t v,
+                 int64_t stride_g, int64_t stride_u, float k, int dtype, cudaStream_t stream);
 
 // Per row of x[n, :v]: the k <= kTopkMaxK largest entries, sorted descending, ties by
 // lower index; values[n, k] (x's dtype) and indices[n, k] (int64), both contiguous.

@@ -9,10 +9,10 @@
 #include <cstdint>
 #include <cstring>
 
+#include "api.h"
+
 namespace kdk {
 
-// Element type codes shared with Python (kdkernels/_ext.py: DTYPE_CODES).
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 constexpr int kWarp = 32;
 constexpr int kMaxThreads = 1024;  // block reductions keep one partial per warp in one warp

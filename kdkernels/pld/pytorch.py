@@ -18,12 +18,9 @@ For j ≥ K the gradient is exp(s_v + c_{K−1}), which needs no ranking: only t
 positions of π are ever built, and the suffix sums beyond them collapse into one
 log-sum-exp over the unranked tail, LSE_k = logaddexp(LSE_tail, LSE over π_k..π_{K−1}).
 
-Ranking. Teacher logits of at most 32 bits are packed with their class index into one
-unique int64 key (monotone float bits high, 2³² − 1 − index low), so a plain sort
-(K close to V) or `topk` (small K, O(V + K log K)) yields the tie-broken order directly.
-float64 teachers use a stable sort, or for small K the K-th largest value θ, every class
-above it and the lowest-index ties at θ, stable-sorted. With labels the label is moved
-to (or inserted at) the front of that list.
+Ranking. The first K positions of π are `topk_select`'s order over the teacher logits
+(descending, ties by lower index); with labels the label is moved to (or inserted at)
+the front of that list.
 
 Precision: all arithmetic per chunk is float64, whatever the input dtype, so the float32
 result is the float64 result rounded once. Memory: a chunk of rows at a time, so the
@@ -34,49 +31,10 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_ELEMS = 1 << 19  # elements per chunk × V block (4 MiB in float64)
+from .._core.chunking import chunk_rows
+from ..select.ops import TOPK
+
 _NEG_INF = float("-inf")
-# Use the full sort when K is at least this fraction of V (topk + selection no cheaper).
-_FULL_SORT_FRACTION = 0.25
-
-
-def _order_key(t: torch.Tensor) -> torch.Tensor | None:
-    """int64 key, larger = ranked earlier, unique per row: (t descending, index ascending).
-
-    The float32 bit pattern made monotone in the high 32 bits, 2³² − 1 − index in the low
-    32 bits; −0.0 is folded into +0.0 first so equal values stay ties. t: [R, V] of at most
-    32 bits (float16/bfloat16 embed exactly in float32); None for float64.
-    """
-    if t.dtype == torch.float64:
-        return None
-    bits = (t.float() + 0.0).view(torch.int32)
-    mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse their order
-    low = 0xFFFFFFFF - torch.arange(t.shape[1], device=t.device)
-    return (mono.long() << 32) | low
-
-
-def _top_ranked(t: torch.Tensor, k: int) -> torch.Tensor:
-    """First k class indices per row by (descending t, ascending index). t: [R, V] -> [R, k]."""
-    v = t.shape[1]
-    full = k >= _FULL_SORT_FRACTION * v
-    key = _order_key(t)
-    if key is not None:  # unique keys: any sort or topk is deterministic
-        if full:
-            return torch.sort(key, dim=1, descending=True).indices[:, :k]
-        return torch.topk(key, k, dim=1, sorted=True).indices
-    if full:
-        return torch.sort(t, dim=1, descending=True, stable=True).indices[:, :k]
-    # float64: the K-th largest value θ, every class above it, then the lowest-index ties
-    theta = torch.topk(t, k, dim=1, sorted=False).values.amin(1, keepdim=True)
-    above = t > theta
-    n_above = above.sum(1, keepdim=True)
-    tie = t == theta
-    take_tie = tie & (torch.cumsum(tie, 1) <= k - n_above)
-    # the k chosen indices in ascending order (exactly k per row; no nonzero, no host sync)
-    key = torch.where(above | take_tie, v - torch.arange(v, device=t.device), 0)
-    chosen = torch.topk(key, k, dim=1, sorted=True).indices
-    order = torch.sort(t.gather(1, chosen), dim=1, descending=True, stable=True).indices
-    return chosen.gather(1, order)
 
 
 def _label_first(top: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -95,7 +53,7 @@ def _label_first(top: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def pld_fwd_torch(s, t, labels, scale, loss_out, grad_out, inv_temp: float, top_k: int,
+def pld_fwd_torch(s, scale, loss_out, grad_out, labels, t, inv_temp: float, top_k: int,
                   ignore_index: int) -> None:
     """Fill loss_out[N] (float32 per-row losses, 0 at ignored rows) and, if grad_out is
     non-empty, grad_out[N, V] = scale·∂L_n/∂s (0 at ignored rows).
@@ -106,13 +64,14 @@ def pld_fwd_torch(s, t, labels, scale, loss_out, grad_out, inv_temp: float, top_
     n, v = s.shape
     k = top_k
     want_grad = grad_out.numel() > 0
-    rows = max(1, CHUNK_ELEMS // v)
+    rows = chunk_rows(v, itemsize=8)
     f64 = torch.float64
     scale64 = scale.to(device=s.device, dtype=f64)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         tc = t[r0:r1]
-        top = _top_ranked(tc, k)
+        top = torch.empty(r1 - r0, k, dtype=torch.int64, device=s.device)
+        TOPK("torch", tc, k, torch.empty(r1 - r0, k, dtype=tc.dtype, device=s.device), top)
         valid = None
         if labels is not None:
             y = labels[r0:r1].long()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Literal, get_args
 
 import torch
 
@@ -20,7 +21,8 @@ def _compiling() -> bool:
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-REDUCTIONS = ("none", "sum", "mean")
+Reduction = Literal["none", "sum", "mean"]
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 
 def check_float_tensor(name: str, x, *, min_dim: int = 1) -> torch.Tensor:

@@ -33,11 +33,12 @@ import math
 
 import torch
 
-CHUNK_ELEMS = 1 << 19  # elements per chunk × V block (4 MiB in float64)
+from .._core.chunking import chunk_rows
+from .._core.codes import Div
+
 _NEG_INF = float("-inf")
 
-# divergence codes
-FWD_KL, REV_KL, JSD = 0, 1, 2
+FWD_KL, REV_KL = int(Div.FWD_KL), int(Div.REV_KL)
 
 
 def _xlog(x, logx, logy):
@@ -64,7 +65,7 @@ def _div_terms(code: int, beta: float, lp, lq):
     return beta * _xlog(p, lp, logm) + hq, hq
 
 
-def topk_kd_fwd_torch(s, idx, vals, labels, scale, loss_out, grad_out, *, code: int,
+def topk_kd_fwd_torch(s, scale, loss_out, grad_out, labels, idx, vals, code: int,
                       beta: float, inv_temp: float, logprobs: bool, bucket: bool,
                       ignore_index: int) -> None:
     """Fill loss_out[N] (float32, 0 at ignored rows) and, if grad_out is non-empty,
@@ -72,11 +73,11 @@ def topk_kd_fwd_torch(s, idx, vals, labels, scale, loss_out, grad_out, *, code: 
 
     s: [N, V] student logits; idx: [N, k] int (−1 = padding, others unique in [0, V));
     vals: [N, k] teacher logits or log-probabilities; labels: [N] or None;
-    scale: 0-dim float tensor. `code` is FWD_KL, REV_KL or JSD with 0 < beta < 1.
+    scale: 0-dim float tensor. `code` is Div.FWD_KL, REV_KL or JSD (then 0 < beta < 1).
     """
     n, v = s.shape
     want_grad = grad_out.numel() > 0
-    rows = max(1, CHUNK_ELEMS // (v if bucket else idx.shape[1]))
+    rows = chunk_rows(v if bucket else idx.shape[1], itemsize=8)
     f64 = torch.float64
     scale64 = scale.to(device=s.device, dtype=f64)
     for r0 in range(0, n, rows):

@@ -1,0 +1,158 @@
+"""The autograd pattern shared by the row losses (kd, PLD, top-k KD).
+
+Each row loss has one launcher, a custom op `launch(s, scale, loss, grad, backend, *args)`
+that writes the per-row losses into loss[N] (float32) and, when grad is non-empty, the
+gradient of Σ_n scale·L_n w.r.t. the student rows s[N, V] into grad (in s's dtype).
+
+- The gradient is computed in the forward pass, only when autograd will want it (grad
+  mode on and the student requires grad): under no_grad/inference_mode nothing of size
+  N × V is computed or allocated.
+- Backward multiplies the stored gradient in place by the upstream gradient (a scalar for
+  'mean'/'sum', per row for 'none'), on the device, skipping rows whose factor is exactly
+  1. Because the rescale is in place, a second backward through the same graph is refused;
+  so is double backward (create_graph=True), which these hand-written gradients cannot
+  differentiate: both raise a RuntimeError that says so.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backend import Dispatch, Impl
+from .chunking import row_blocks
+from .customop import custom_op
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., V] -> [N, V] with unit column stride (a view when possible)."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    return x.reshape(-1, x.shape[-1])
+
+
+def loss_scale(reduction: str, labels, n_rows: int, normalizer, ignore_index: int, device):
+    """0-dim float32 tensor multiplying every row's gradient: 1/denominator for 'mean'
+    (normalizer, else the number of valid rows, at least 1), else 1. No host sync."""
+    ones = dict(dtype=torch.float32, device=device)
+    if reduction != "mean":
+        return torch.ones((), **ones)
+    if normalizer is None:
+        if labels is None:
+            return torch.full((), 1.0 / max(1, n_rows), **ones)
+        count = (labels != ignore_index).sum().clamp_min(1)
+        return count.to(torch.float32).reciprocal()
+    if isinstance(normalizer, torch.Tensor):
+        return normalizer.to(**ones).reciprocal()
+    return torch.full((), 1.0 / normalizer, **ones)
+
+
+def reduce_rows(loss: torch.Tensor, scale: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-row losses [N] -> 'none' (as is), 'sum', or 'mean' (the sum times scale)."""
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    return total * scale if reduction == "mean" else total
+
+
+def refuse_double_backward(op: str) -> None:
+    """In a backward: raise when autograd asks for a differentiable gradient."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: double backward (create_graph=True, e.g. a gradient penalty) is not "
+            "supported: the gradient is computed by hand-written kernels that autograd "
+            "cannot differentiate. Compute the penalty with a differentiable loss instead."
+        )
+
+
+def refuse_second_backward(ctx, op: str) -> None:
+    """In a backward that rescales stored gradients in place: only once per graph."""
+    if ctx.consumed:
+        raise RuntimeError(
+            f"{op}: backward was called twice through the same graph; the stored gradient "
+            "is rescaled in place. Recompute the loss instead of retain_graph=True."
+        )
+    ctx.consumed = True
+
+
+SCALE_ROWS = Dispatch("scale_rows", {
+    "cuda": Impl("kdkernels._core.cuda:scale_rows_cuda"),
+    "triton": Impl("kdkernels._triton.rows:scale_rows_triton"),
+    "torch": Impl("kdkernels._core.rowgrad:scale_rows_torch"),
+})
+
+
+def scale_rows_torch(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """grad[N, V] *= scale (0-dim or [N]); multiplied in float32 (or wider) and rounded once."""
+    if scale.dim() == 0:
+        if scale.device.type != "cpu" or float(scale) != 1.0:
+            grad.mul_(scale)
+        return
+    wide = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    for r0, r1 in row_blocks(grad.shape[0], grad.shape[1]):
+        blk = grad[r0:r1]
+        blk.copy_(blk.to(wide) * scale[r0:r1].to(wide).unsqueeze(-1))
+
+
+@custom_op("scale_rows_", mutates=("grad",))
+def scale_rows_(grad: torch.Tensor, scale: torch.Tensor, backend: str) -> None:
+    """grad[N, V] *= scale, where scale is 0-dim or [N] (float32); no-op where scale == 1."""
+    SCALE_ROWS(backend, grad, scale)
+
+
+def rescale_stored(ctx, grad_out: torch.Tensor, op: str):
+    """In backward: every saved gradient ([..., V], empty or None) times the upstream
+    gradient, in place; returns them (ctx.saved_tensors)."""
+    refuse_double_backward(op)
+    refuse_second_backward(ctx, op)
+    grads = ctx.saved_tensors
+    g = grad_out.to(torch.float32).contiguous()
+    for t in grads:
+        if t is not None and t.numel() > 0:
+            scale_rows_(t.view(-1, t.shape[-1]), g, ctx.backend)
+    return grads
+
+
+def row_loss_function(op: str, launch) -> type[torch.autograd.Function]:
+    """The autograd.Function of a row loss whose launcher is `launch` (module docstring).
+
+    apply(s [N, V], scale 0-dim float32, reduction, backend, labels [N] | None, *args)
+    -> reduced loss; the gradient flows to s only.
+    """
+
+    class RowLossFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, s, scale, reduction, backend, labels, *args):
+            n = s.shape[0]
+            loss = torch.empty(n, dtype=torch.float32, device=s.device)
+            grad = torch.empty_like(s)
+            if n > 0:
+                launch(s, scale, loss, grad, backend, labels, *args)
+            ctx.save_for_backward(grad)
+            ctx.backend, ctx.consumed, ctx.n_args = backend, False, len(args)
+            return reduce_rows(loss, scale, reduction)
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            (grad,) = rescale_stored(ctx, grad_out, op)
+            return (grad, None, None, None, None) + (None,) * ctx.n_args
+
+    RowLossFunction.__name__ = RowLossFunction.__qualname__ = f"{op}_function"
+    return RowLossFunction
+
+
+def row_loss(function, launch, student, labels, *args, reduction: str, normalizer,
+             ignore_index: int, backend: str) -> torch.Tensor:
+    """A row loss on student [..., V] and labels [...] | None: rows, the reduction's scale,
+    then `function` (from row_loss_function) when autograd wants the student's gradient,
+    else the launcher alone without a gradient. 'none' comes back shaped [...]."""
+    lead = student.shape[:-1]
+    s = as_rows(student)
+    y = labels.reshape(-1) if labels is not None else None
+    scale = loss_scale(reduction, y, s.shape[0], normalizer, ignore_index, s.device)
+    if torch.is_grad_enabled() and s.requires_grad:
+        out = function.apply(s, scale, reduction, backend, y, *args)
+    else:
+        loss = torch.empty(s.shape[0], dtype=torch.float32, device=s.device)
+        if s.shape[0] > 0:
+            launch(s.detach(), scale, loss, s.new_empty(0), backend, y, *args)
+        out = reduce_rows(loss, scale, reduction)
+    return out.reshape(lead) if reduction == "none" else out

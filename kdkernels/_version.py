@@ -1,0 +1,4 @@
+"""The package version: the one place it is written (pyproject.toml and the CUDA module
+read it from here)."""
+
+__version__ = "0.1.0"
