@@ -146,3 +146,13 @@ def check_labels(labels, lead_shape, num_classes: int, ignore_index: int, device
                 f"found {first}"
             )
     return labels
+
+
+def check_row_args(labels, lead_shape, num_classes: int, device, *, ignore_index, reduction,
+                   normalizer):
+    """The arguments every row loss shares: `ignore_index` (int), `reduction`, `labels`
+    (see check_labels) and `normalizer`. Returns (ignore_index, normalizer)."""
+    ignore_index = check_int("ignore_index", ignore_index)
+    check_reduction(reduction)
+    check_labels(labels, lead_shape, num_classes, ignore_index, device)
+    return ignore_index, check_normalizer(normalizer)

@@ -23,6 +23,7 @@ opaque to `torch.compile`: no graph break, no recompilation when N changes.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .._core.backend import Dispatch, Impl
 from .._core.chunking import chunk_rows
@@ -86,34 +87,12 @@ def _accumulate_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: 
 
 
 @custom_op("fused_linear_kd_fwd", mutates=("loss", "grad_h", "grad_w", "grad_b"))
-def fused_linear_kd_fwd(
-    hs: torch.Tensor,
-    ws: torch.Tensor,
-    bs: torch.Tensor | None,
-    ht: torch.Tensor,
-    wt: torch.Tensor,
-    bt: torch.Tensor | None,
-    labels: torch.Tensor | None,
-    scale: torch.Tensor,
-    row_scale: torch.Tensor | None,
-    loss: torch.Tensor,
-    grad_h: torch.Tensor,
-    grad_w: torch.Tensor,
-    grad_b: torch.Tensor,
-    backend: str,
-    chunk: int,
-    s_cap: float,
-    s_mult: float,
-    t_cap: float,
-    t_mult: float,
-    div: int,
-    inv_temp: float,
-    w: float,
-    soft_w: float,
-    hard_w: float,
-    ignore_index: int,
-    v: int,
-) -> None:
+def fused_linear_kd_fwd(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor,
+                        bt: Tensor | None, labels: Tensor | None, scale: Tensor,
+                        row_scale: Tensor | None, loss: Tensor, grad_h: Tensor, grad_w: Tensor,
+                        grad_b: Tensor, backend: str, chunk: int, s_cap: float, s_mult: float,
+                        t_cap: float, t_mult: float, div: int, inv_temp: float, w: float,
+                        soft_w: float, hard_w: float, ignore_index: int, v: int) -> None:
     """Per-row losses into loss[N] and the student gradients, chunk by chunk.
 
     hs: [N, H_s] student hidden rows; ws: [V_s, H_s]; bs: [V_s] or None.

@@ -1,6 +1,6 @@
 """The `cuda` backend of `kd_loss`: thin wrappers over the compiled `kdkernels_cuda` module.
 
-Same contract as the Triton launchers in triton.py (see chunked.kd_fwd_torch): per-row
+Same contract as the Triton launchers in triton.py (see pytorch.kd_fwd_torch): per-row
 losses and, when asked, the scaled gradient written into preallocated outputs, on the
 current CUDA stream, without a host synchronisation. The kernels (csrc/kd.cu) hold a row
 in shared memory, across a thread-block cluster on sm_90, when it fits, so each logit is

@@ -12,11 +12,8 @@ from .._core.validate import (
     Reduction,
     check_choice,
     check_float_tensor,
-    check_int,
-    check_labels,
-    check_normalizer,
     check_number,
-    check_reduction,
+    check_row_args,
     check_same_device,
 )
 from .ops import KD_FWD, kd_fwd
@@ -40,7 +37,6 @@ def prepare_kd_args(
     """
     check_choice("divergence", divergence, DIVERGENCES)
     check_choice("vocab_mismatch", vocab_mismatch, VOCAB_MISMATCH)
-    check_reduction(reduction)
     lead_s, lead_t = tuple(student_logits.shape[:-1]), tuple(teacher_logits.shape[:-1])
     if lead_s != lead_t:
         raise ValueError(
@@ -63,13 +59,13 @@ def prepare_kd_args(
         taid_t = check_number("taid_t", taid_t, lo=0.0, hi=1.0)
     elif divergence == "taid":
         raise ValueError("divergence='taid' needs taid_t in [0, 1] (see TAIDSchedule)")
-    ignore_index = check_int("ignore_index", ignore_index)
     hard_w = check_number("hard_label_weight", hard_label_weight, lo=0.0)
     soft_w = check_number("soft_label_weight", soft_label_weight, lo=0.0)
     if hard_w != 0.0 and labels is None:
         raise ValueError("hard_label_weight > 0 needs labels (the hard-label cross-entropy)")
-    check_labels(labels, lead_s, v, ignore_index, student_logits.device)
-    normalizer = check_normalizer(normalizer)
+    ignore_index, normalizer = check_row_args(
+        labels, lead_s, v, student_logits.device, ignore_index=ignore_index,
+        reduction=reduction, normalizer=normalizer)
     prm = canonical(
         divergence, beta=beta, alpha=alpha, taid_t=taid_t, temperature=temperature,
         soft_w=soft_w, hard_w=hard_w, ignore_index=ignore_index,

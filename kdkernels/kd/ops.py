@@ -7,7 +7,7 @@ through it, and dispatched through `KD_FWD` to the backend the caller resolved.
 
 from __future__ import annotations
 
-import torch
+from torch import Tensor
 
 from .._core.backend import Dispatch, Impl
 from .._core.customop import custom_op
@@ -24,22 +24,9 @@ KD_FWD = Dispatch("kd_loss", {
 
 
 @custom_op("kd_fwd", mutates=("loss", "grad"))
-def kd_fwd(
-    s: torch.Tensor,
-    scale: torch.Tensor,
-    loss: torch.Tensor,
-    grad: torch.Tensor,
-    backend: str,
-    labels: torch.Tensor | None,
-    t: torch.Tensor,
-    div: int,
-    inv_temp: float,
-    w: float,
-    soft_w: float,
-    hard_w: float,
-    ignore_index: int,
-    v: int,
-) -> None:
+def kd_fwd(s: Tensor, scale: Tensor, loss: Tensor, grad: Tensor, backend: str,
+           labels: Tensor | None, t: Tensor, div: int, inv_temp: float, w: float, soft_w: float,
+           hard_w: float, ignore_index: int, v: int) -> None:
     """Per-row losses into loss[N] and scale·∂L_n/∂s into grad[N, Vg] (skipped if grad is empty).
 
     s: [N, Vs], t: [N, Vt] with Vs, Vt >= v; labels: [N] or None; scale: 0-dim float32.

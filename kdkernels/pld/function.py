@@ -10,10 +10,8 @@ from .._core.validate import (
     Reduction,
     check_float_tensor,
     check_int,
-    check_labels,
-    check_normalizer,
     check_number,
-    check_reduction,
+    check_row_args,
     check_same_device,
 )
 from .ops import PLD_FWD, pld_fwd
@@ -49,10 +47,8 @@ def plackett_luce_loss(
         temperature: τ > 0 of the teacher weights only (the student is not tempered).
         top_k: None (K = V) or an int in [1, V]: only the first K ranks carry a term;
             each suffix log-sum-exp still runs over every class ranked at or after k.
-        ignore_index: label value of ignored rows.
-        reduction: 'none' ([...] float32 per-row losses, 0 at ignored rows) | 'sum' | 'mean'.
-        normalizer: denominator of 'mean' (positive number or 0-dim tensor), default the
-            number of valid rows (at least 1).
+        ignore_index, reduction, normalizer: as in `kd_loss` ('none' gives [...] float32
+            per-row losses, 0 at ignored rows).
         backend: 'auto' | 'torch' (the only implementation so far).
 
     Returns:
@@ -71,10 +67,9 @@ def plackett_luce_loss(
         raise ValueError(f"the vocabulary dimension must be >= 1, got {v}")
     temperature = check_number("temperature", temperature, lo=0.0, lo_open=True)
     k = v if top_k is None else check_int("top_k", top_k, lo=1, hi=v)
-    ignore_index = check_int("ignore_index", ignore_index)
-    check_reduction(reduction)
-    check_labels(labels, s.shape[:-1], v, ignore_index, device)
-    normalizer = check_normalizer(normalizer)
+    ignore_index, normalizer = check_row_args(
+        labels, s.shape[:-1], v, device, ignore_index=ignore_index, reduction=reduction,
+        normalizer=normalizer)
     be = PLD_FWD.resolve(backend, device)
     return row_loss(PlackettLuceFunction, pld_fwd, s, labels, as_rows(t.detach()),
                     1.0 / temperature, k, ignore_index, reduction=reduction,

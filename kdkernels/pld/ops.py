@@ -3,7 +3,7 @@ and scans stay opaque to `torch.compile`)."""
 
 from __future__ import annotations
 
-import torch
+from torch import Tensor
 
 from .._core.backend import Dispatch, Impl
 from .._core.customop import custom_op
@@ -14,18 +14,9 @@ PLD_FWD = Dispatch("plackett_luce_loss", {
 
 
 @custom_op("pld_fwd", mutates=("loss", "grad"))
-def pld_fwd(
-    s: torch.Tensor,
-    scale: torch.Tensor,
-    loss: torch.Tensor,
-    grad: torch.Tensor,
-    backend: str,
-    labels: torch.Tensor | None,
-    t: torch.Tensor,
-    inv_temp: float,
-    top_k: int,
-    ignore_index: int,
-) -> None:
+def pld_fwd(s: Tensor, scale: Tensor, loss: Tensor, grad: Tensor, backend: str,
+            labels: Tensor | None, t: Tensor, inv_temp: float, top_k: int,
+            ignore_index: int) -> None:
     """Per-row losses into loss[N] and scale·∂L_n/∂s into grad[N, V] (skipped if grad is empty).
 
     s: [N, V], t: [N, V], labels: [N] or None, scale: 0-dim float32, top_k in [1, V].

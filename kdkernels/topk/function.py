@@ -13,12 +13,9 @@ from .._core.validate import (
     Reduction,
     check_choice,
     check_float_tensor,
-    check_int,
     check_int_tensor,
-    check_labels,
-    check_normalizer,
     check_number,
-    check_reduction,
+    check_row_args,
     check_same_device,
 )
 from .ops import TOPK_KD_FWD, topk_kd_fwd
@@ -130,7 +127,6 @@ def topk_kd_loss(
     check_choice("values", values, VALUES)
     check_choice("tail", tail, TAILS)
     check_choice("divergence", divergence, TOPK_DIVERGENCES)
-    check_reduction(reduction)
     v = s.shape[-1]
     if v < 1:
         raise ValueError(f"the vocabulary dimension must be >= 1, got {v}")
@@ -162,9 +158,9 @@ def topk_kd_loss(
             "tail='bucket' needs values='logprobs': logits over k entries carry no tail mass; "
             "use tail='renormalize' with values='logits'"
         )
-    ignore_index = check_int("ignore_index", ignore_index)
-    check_labels(labels, lead, v, ignore_index, device)
-    normalizer = check_normalizer(normalizer)
+    ignore_index, normalizer = check_row_args(
+        labels, lead, v, device, ignore_index=ignore_index, reduction=reduction,
+        normalizer=normalizer)
     _check_indices(idx, v)
     if values == "logprobs":
         _check_logprobs(vals, idx)

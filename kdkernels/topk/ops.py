@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+from torch import Tensor
 
 from .._core.backend import Dispatch, Impl
 from .._core.customop import custom_op
@@ -13,22 +13,9 @@ TOPK_KD_FWD = Dispatch("topk_kd_loss", {
 
 
 @custom_op("topk_kd_fwd", mutates=("loss", "grad"))
-def topk_kd_fwd(
-    s: torch.Tensor,
-    scale: torch.Tensor,
-    loss: torch.Tensor,
-    grad: torch.Tensor,
-    backend: str,
-    labels: torch.Tensor | None,
-    idx: torch.Tensor,
-    vals: torch.Tensor,
-    code: int,
-    beta: float,
-    inv_temp: float,
-    logprobs: bool,
-    bucket: bool,
-    ignore_index: int,
-) -> None:
+def topk_kd_fwd(s: Tensor, scale: Tensor, loss: Tensor, grad: Tensor, backend: str,
+                labels: Tensor | None, idx: Tensor, vals: Tensor, code: int, beta: float,
+                inv_temp: float, logprobs: bool, bucket: bool, ignore_index: int) -> None:
     """Per-row losses into loss[N] and scale·∂L_n/∂s into grad[N, V] (skipped if grad is empty).
 
     s: [N, V]; idx: [N, k] (−1 = padding); vals: [N, k]; labels: [N] or None;
