@@ -143,3 +143,73 @@ def test_cuda_limits_and_auto():
     vals, idx = topk_select(x, 300)  # auto falls back to the reference
     ref_vals, ref_idx = topk_select_ref(x, 300)
     assert torch.equal(vals, ref_vals) and torch.equal(idx, ref_idx)
+
+
+# ---------------------------------------------- interpreter: the Triton kernel (on the CPU)
+
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+# (positive quiet NaN with a payload, negative quiet NaN) bit patterns
+NAN_BITS = {torch.float32: (0x7FC00123, -0x00400000), torch.float16: (0x7E05, -0x0200),
+            torch.bfloat16: (0x7FC3, -0x0040)}
+
+
+def special_rows(dtype, n_cols):
+    """8 rows of heavy ties, NaNs of both signs, ±inf and ±0.0 mixes."""
+    x = torch.randint(-4, 5, (8, n_cols)).to(dtype)
+    pos_nan, neg_nan = (torch.tensor([b], dtype=INT_VIEW[dtype]).view(dtype)
+                        for b in NAN_BITS[dtype])
+    x[1] = 2.0  # one value everywhere
+    x[2] = -math.inf
+    x[2, 5::97] = math.inf
+    x[3, ::7] = pos_nan
+    x[3, 3::11] = neg_nan
+    x[4] = 0.0
+    x[4, ::3] = -0.0
+    x[5, n_cols // 2:] = math.inf
+    x[5, : n_cols // 3] = -math.inf
+    x[5, n_cols - 1] = neg_nan
+    x[6] = (torch.randn(n_cols) * 4).to(dtype)
+    x[7] = torch.where(x[7] > 0, -0.0, x[7]).to(dtype)  # -0.0 above negative ties
+    x[7, 1::4] = 0.0
+    return x
+
+
+def check_triton(x, k):
+    vals, idx = topk_select(x, k, backend="triton")
+    ref_vals, ref_idx = topk_select_ref(x, k)
+    assert vals.dtype == x.dtype and idx.dtype == torch.int64
+    assert vals.shape == idx.shape == (x.shape[0], k)
+    assert torch.equal(idx, ref_idx)
+    # bit-exact: NaN payloads and signed zeros included (gathered as integers: a CPU
+    # bfloat16 gather turns every NaN into 0xFFFF)
+    view = INT_VIEW[x.dtype]
+    assert torch.equal(vals.view(view), x.view(view).gather(1, ref_idx))
+    assert torch.equal(vals[~ref_vals.isnan()], ref_vals[~ref_vals.isnan()])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n_cols", "k", "cpu_tile", "strided"), [
+    (1000, 1, None, False),  # one tile, partly masked
+    (700, 7, 256, True),  # 3 tiles of 32 x 8 keys, the last partial
+    (400, 256, 256, True),  # 2 tiles of one 256-key row, the last partial
+    (200, 200, None, True),  # k = V, not a power of two
+])
+def test_triton_matches_reference(dtype, n_cols, k, cpu_tile, strided, monkeypatch):
+    from kdkernels.select import triton as sel_triton
+
+    if cpu_tile is not None:
+        monkeypatch.setattr(sel_triton, "CPU_TILE", cpu_tile)
+    if strided:  # row stride n_cols + 24, rows off alignment
+        check_triton(special_rows(dtype, n_cols + 24)[:, 3 : n_cols + 3], k)
+    else:
+        check_triton(special_rows(dtype, n_cols), k)
+
+
+@pytest.mark.interpreter
+def test_triton_unsupported_inputs():
+    x = torch.randn(2, 400)
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        topk_select(x.double(), 3, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="k <= 256"):
+        topk_select(x, 300, backend="triton")

@@ -15,8 +15,10 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 
+from kdkernels._triton import rows as ROWS
 from kdkernels.fused_linear import triton as FL
 from kdkernels.kd import triton as KD
+from kdkernels.select import triton as SEL
 
 ARCHS = [int(a) for a in os.environ.get("KDKERNELS_AOT_ARCHS", "80,90").split(",")]
 
@@ -45,7 +47,7 @@ def kd_variants():
             KD._kd_fwd_kernel, sig, const, 8
     sig = {"G": "*bf16", "SCALE": "*fp32", "stride_g": "i64", "V": "i32"}
     for per_row in (True, False):
-        yield f"scale_rows per_row={per_row}", KD._scale_rows_kernel, sig, \
+        yield f"scale_rows per_row={per_row}", ROWS._scale_rows_kernel, sig, \
             dict(PER_ROW=per_row, BLOCK_V=4096), 8
     sig = {"U": "*bf16", "S": "*bf16", "stride_u": "i64", "stride_s": "i64", "V": "i32",
            "cap": "fp32"}
@@ -55,6 +57,14 @@ def kd_variants():
     for cap, rs in itertools.product((True, False), repeat=2):
         yield f"softcap_bwd cap={cap} rs={rs}", FL._softcap_bwd_kernel, sig, \
             dict(HAS_CAP=cap, HAS_RS=rs, BLOCK_V=1024), 4
+    # the dtype only changes the loads and the value store: each dtype once, fp32 twice
+    for dt, k in (("fp32", 5), ("fp32", 256), ("fp16", 256), ("bf16", 5)):
+        sig = {"X": f"*{dt}", "VALUES": f"*{dt}", "INDICES": "*i64", "stride_x": "i64",
+               "V": "i32", "k": "i32"}
+        const = SEL.launch_config(151936, k, on_cpu=False)
+        warps = const.pop("num_warps")
+        yield f"topk_select {dt} K_PAD={const['K_PAD']}", SEL._topk_select_kernel, sig, \
+            const, warps
 
 
 def main() -> int:
