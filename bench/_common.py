@@ -1,4 +1,9 @@
-"""Shared by the bench_*.py suites: case selection and one pytest-benchmark run."""
+"""Shared by the bench_*.py suites: the registry's cases as pytest-benchmark tests.
+
+Cases, providers, inputs and costs come from the registry that `kdkernels bench` runs
+(`kdkernels.bench.specs`, selected by `kdkernels.bench.cases.select_cases`); the warm-up,
+the backend-label check and what a failure means come from `kdkernels.bench.runner`.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,11 @@ import os
 import pytest
 import torch
 
-from kdkernels.bench.cases import Case
+from kdkernels.bench.cases import select_cases
 from kdkernels.bench.harness import peak_memory, synchronize
-from kdkernels.bench.providers import Unavailable
-from kdkernels.bench.runner import select_cases
+from kdkernels.bench.model import Case
+from kdkernels.bench.runner import failure, result_row, warm_up
+from kdkernels.bench.specs import families
 
 
 def device() -> torch.device:
@@ -20,33 +26,39 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def cases_for(ops: list[str]) -> list[Case]:
+def cases_for(family: str) -> list[Case]:
     dev = device()
     shapes = os.environ.get("KDKERNELS_BENCH_SHAPES") or (
         "gpu:base" if dev.type == "cuda" else "cpu:base")
     provs = os.environ.get("KDKERNELS_BENCH_PROVIDERS")
     provs = [p.strip() for p in provs.split(",")] if provs else None
-    return select_cases(dev, ops=ops, providers=provs, shapes=shapes)
+    return select_cases(dev, ops=[family], providers=provs, shapes=shapes)
 
 
-def params(ops: list[str]):
-    cases = cases_for(ops)
-    return pytest.mark.parametrize("case", cases, ids=[c.label().replace(" ", "-")
-                                                       for c in cases])
+def family_suite(path: str):
+    """The test of `bench/bench_<family>.py`: one benchmark per case of that family."""
+    family = os.path.basename(path).removeprefix("bench_").removesuffix(".py")
+    if family not in families():
+        raise ValueError(f"{path}: {family!r} is not a benchmark family ({families()})")
+    cases = cases_for(family)
+
+    @pytest.mark.parametrize("case", cases, ids=[c.label().replace(" ", "-") for c in cases])
+    def test(benchmark, floors, case):
+        run_case(benchmark, floors, case)
+
+    test.__name__ = test.__qualname__ = f"test_{family}"
+    return test
 
 
 def run_case(benchmark, floors, case: Case) -> None:
-    """Warm-up once (skips when the provider cannot run here), then benchmark.pedantic."""
-    inputs = case.make_inputs()
+    """Warm-up once (skips when the provider cannot run here; fails when a kdkernels[<b>]
+    provider ran another backend), then benchmark.pedantic."""
     try:
-        pre, fn = case.build(inputs)
-        fn(pre())  # warm-up: compilation, autotuning, lazy imports
-        synchronize(case.device)
-    except Unavailable as e:
-        pytest.skip(str(e))
+        pre, fn = warm_up(case, case.make_inputs())
     except Exception as e:
-        if type(e).__name__ == "BackendUnavailableError":
-            pytest.skip(str(e).splitlines()[0])
+        status, note = failure(e)
+        if status == "unavailable":
+            pytest.skip(note)
         raise
 
     def target(arg):
@@ -56,10 +68,9 @@ def run_case(benchmark, floors, case: Case) -> None:
 
     rounds = 20 if case.device.type == "cuda" else 5
     benchmark.pedantic(target, setup=lambda: ((pre(),), {}), rounds=rounds, warmup_rounds=1)
-    nbytes, flops = case.cost()
+    r = result_row(case, floors)
     benchmark.extra_info.update({
-        "op": case.op, "provider": case.provider, "mode": case.mode,
-        "shape": dict(case.shape), "dtype": str(case.dtype), "bytes": nbytes, "flops": flops,
-        "floor_s": floors.floor_s(nbytes, flops, case.dtype),
+        "op": r.op, "provider": r.provider, "mode": r.mode, "shape": r.shape, "dtype": r.dtype,
+        "bytes": r.nbytes, "flops": r.flops, "floor_s": r.floor_s,
         "peak_memory_bytes": peak_memory(fn, device=case.device, pre=pre),
     })

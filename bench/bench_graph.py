@@ -1,10 +1,5 @@
 """pytest-benchmark suite: the `graph` family (forward, backward, forward+backward)."""
 
-from __future__ import annotations
+from _common import family_suite
 
-from _common import params, run_case
-
-
-@params(["graph"])
-def test_graph(benchmark, floors, case):
-    run_case(benchmark, floors, case)
+test_graph = family_suite(__file__)

@@ -13,11 +13,12 @@ import time
 import torch
 
 from . import cpumem
-from .cases import MODES, parse_dtype
+from .cases import provider_matches, select_cases
 from .floors import measure_floors
+from .model import MODES, parse_dtype
 from .providers import versions
-from .report import markdown, write_csv, write_plots
-from .runner import Runner, run_cases, select_cases
+from .report import budget_lines, markdown, write_csv, write_plots
+from .runner import Runner, run_cases
 
 _MODE_ALIASES = {"fwd": "forward", "bwd": "backward", "fwd+bwd": "forward+backward",
                  "fwdbwd": "forward+backward"}
@@ -49,8 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (default bench/out); 'results' means "
                    "bench/results/<device>-<date>/, the folder for results worth committing")
     p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds after which remaining timing cases are skipped (default "
-                   f"{CPU_TIME_BUDGET_S:g} on a CPU, none on a GPU; 0: none)")
+                   help="seconds the run should fit in (default "
+                   f"{CPU_TIME_BUDGET_S:g} on a CPU, none on a GPU; 0: none). Every op's base "
+                   "shape (and the cpu-memory group) always runs; sweep points and compile "
+                   "cases that would not fit are cut, every sweep alike, and listed in "
+                   "results.md and on stdout")
     p.add_argument("--target-time", type=float, default=None,
                    help="seconds of timed calls per case (default 0.2 CPU, 0.5 GPU)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -102,7 +106,7 @@ class _Progress:
 
     def set_postfix_str(self, s: str, refresh: bool = False) -> None:
         if self._bar is not None:
-            self._bar.set_postfix_str(s, refresh=refresh)
+            self._bar.set_postfix_str(s[:80], refresh=refresh)
 
     def update(self, k: int = 1) -> None:
         self.n += k
@@ -160,8 +164,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     mem_cases = cpumem.select(mem_pats) if mem_pats is not None else []
     if args.providers and mem_cases:
-        from .runner import provider_matches
-
         mem_cases = [c for c in mem_cases if provider_matches(c.provider, _split(args.providers))]
     if args.list:
         for c in cases:
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     progress.set_postfix_str("measuring the floor", refresh=True)
     floors = measure_floors(device, quick=(args.shapes or "").startswith("tiny"))
     runner = Runner(device, floors, target_s=target, min_reps=5 if device.type == "cuda" else 3,
-                    max_reps=100 if device.type == "cuda" else 20)
+                    max_reps=100 if device.type == "cuda" else 20,
+                    say=lambda text: progress.set_postfix_str(text, refresh=True))
     mem_results: list = []
 
     def run_memory_group():
@@ -219,8 +222,14 @@ def main(argv: list[str] | None = None) -> int:
         f.write(md)
     head = md.split("\n## All results")[0]
     print(head)
+    cut = budget_lines(results)
+    if cut:
+        print("\n".join(cut))
     n_ok = sum(r.status == "ok" for r in results)
-    print(f"{n_ok}/{len(results)} timing cases measured, {len(mem_results)} cpu-memory cases; "
+    n_cut = sum(r.cut_by_budget for r in results)
+    print(f"{n_ok}/{len(results)} timing cases measured"
+          + (f" ({n_cut} cut by the {budget:g} s time budget)" if n_cut else "")
+          + f", {len(mem_results)} cpu-memory cases; "
           f"{time.monotonic() - t_start:.0f} s. Wrote {csv_path}, {md_path}"
           + (f", {len(plots)} plots in {os.path.join(out, 'plots')}" if plots else ""))
     return 0

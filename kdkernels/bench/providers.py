@@ -1,12 +1,16 @@
 """Who computes each case: our backends, eager PyTorch, torch.compile, and peers.
 
-Every provider is looked up lazily and guarded: an op of ours that has not landed, a
+Every provider is looked up lazily and guarded: an op of ours that is not exported, a
 peer library that is not installed, or a backend that cannot run on this device raises
 `Unavailable`, and the case is reported as skipped with the reason. Nothing here
 imports an optional package at module import time.
 
 Provider names (the `--providers` option matches them with shell patterns):
-    kdkernels[torch] kdkernels[triton] kdkernels[cuda]   our backends
+    kdkernels[torch] kdkernels[triton] kdkernels[cuda]   our backends, each passed
+                   explicitly; the row is kept only if every dispatch recorded while it
+                   ran (`kdkernels._core.backend.recording`) ran that backend
+    kdkernels[triton,wacc]  the fused linear loss with weight_grad_accumulation='weight'
+                   on the backend `auto` takes on the GPU
     eager          naive PyTorch (kdkernels.bench.naive)
     compile        torch.compile of the eager code
     liger          Liger-Kernel's KL / JSD / TVD / fused linear JSD (GPU only)
@@ -18,23 +22,14 @@ Provider names (the `--providers` option matches them with shell patterns):
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
+import re
+from collections.abc import Callable
 
 import torch
 
 OURS_PREFIX = "kdkernels"
-
-# Where each public op lives (top level first: the lead exports them there).
-_OP_HOMES = {
-    "kd_loss": ("kdkernels", "kdkernels.kd"),
-    "fused_linear_kd_loss": ("kdkernels", "kdkernels.fused_linear"),
-    "plackett_luce_loss": ("kdkernels", "kdkernels.pld"),
-    "sinkhorn": ("kdkernels", "kdkernels.sinkhorn"),
-    "sinkhorn_loss": ("kdkernels", "kdkernels.sinkhorn"),
-    "topk_kd_loss": ("kdkernels", "kdkernels.topk"),
-    "graph_on_logits_loss": ("kdkernels", "kdkernels.graph", "kdkernels.topk"),
-}
+_OURS_LABEL = re.compile(r"kdkernels\[(torch|triton|cuda)(?:,[\w.-]+)?\]")
 
 
 class Unavailable(Exception):
@@ -42,76 +37,86 @@ class Unavailable(Exception):
 
 
 def ours(name: str):
-    """The public function `name` of kdkernels, or Unavailable if it has not landed."""
-    errors = []
-    for mod_name in _OP_HOMES.get(name, ("kdkernels",)):
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError as e:  # a half-written sibling module must not break the suite
-            errors.append(f"{mod_name}: {e}")
-            continue
-        fn = getattr(mod, name, None)
-        if callable(fn):
-            return fn
-    raise Unavailable(f"kdkernels.{name} is not available" +
-                      (f" ({'; '.join(errors)})" if errors else ""))
+    """The public function `kdkernels.<name>`, or Unavailable if it is not exported."""
+    try:
+        import kdkernels
+    except ImportError as e:  # a half-written module must not break the whole suite
+        raise Unavailable(f"kdkernels does not import: {e}") from e
+    fn = getattr(kdkernels, name, None)
+    if not callable(fn):
+        raise Unavailable(f"kdkernels.{name} is not available")
+    return fn
 
 
-def our_backends(device: torch.device) -> list[str]:
-    """Backends of ours worth timing on `device` (an op that lacks one is skipped later)."""
-    if device.type != "cuda":
+def _table(op: str):
+    from .._core.backend import TABLES
+
+    ours(op)  # importing kdkernels creates the tables
+    for table in TABLES:
+        if table.op == op:
+            return table
+    raise Unavailable(f"kdkernels has no dispatch table for {op}")
+
+
+def our_backends(op: str, device: torch.device) -> list[str]:
+    """Backends of `op` that can run on `device`, in the table's order (torch last).
+
+    When the op is not available this is ["torch"]: its kdkernels[torch] cases then
+    report why (the factory raises Unavailable) instead of vanishing from the run."""
+    from .._core.backend import device_reason
+
+    try:
+        listed = _table(op).backends
+    except Unavailable:
         return ["torch"]
-    from .. import _backend
-
     out = []
-    if _backend._triton_reason(device) is None:
-        out.append("triton")
-    try:
-        if _backend._cuda_reason(device) is None:
-            out.append("cuda")
-    except Exception:  # the extension loader itself failing means: no cuda backend
-        pass
-    out.append("torch")
-    return out
+    for be in listed:
+        if be != "torch" and device.type != "cuda":
+            continue  # triton on a CPU (TRITON_INTERPRET=1) is for tests, not timings
+        try:
+            if device_reason(be, device) is None:
+                out.append(be)
+        except Exception:  # the extension loader itself failing means: no such backend
+            pass
+    return sorted(out, key=lambda b: b == "torch")
 
 
-def provider_name(backend: str) -> str:
-    return f"{OURS_PREFIX}[{backend}]"
+def auto_backend(op: str, device: torch.device) -> str:
+    """The backend `auto` takes for `op` on `device` (input checks aside)."""
+    table = _table(op)
+    for be in our_backends(op, device):
+        if be == "torch" or table.impls[be].auto:
+            return be
+    return "torch"
 
 
-def _need_module(name: str, why: str):
-    if importlib.util.find_spec(name) is None:
-        raise Unavailable(f"{why}: `{name}` is not installed")
-    try:
-        return importlib.import_module(name)
-    except Exception as e:  # broken install of a peer: skip it, say why
-        raise Unavailable(f"{why}: importing `{name}` failed: {e}") from e
+def provider_name(backend: str, variant: str = "") -> str:
+    return f"{OURS_PREFIX}[{backend}{',' + variant if variant else ''}]"
 
 
-def liger_attr(device: torch.device, module: str, name: str):
-    """A Liger-Kernel class, or Unavailable (Liger's Triton kernels need a GPU)."""
-    if device.type != "cuda":
-        raise Unavailable("Liger-Kernel runs on CUDA tensors only")
-    mod = _need_module(module, "Liger-Kernel")
-    cls = getattr(mod, name, None)
-    if cls is None:
-        raise Unavailable(f"this Liger-Kernel has no {module}.{name}")
-    return cls
+def claimed_backend(provider: str) -> str | None:
+    """The backend a provider label of ours names (kdkernels[triton] -> triton), else None."""
+    m = _OURS_LABEL.fullmatch(provider)
+    return m.group(1) if m else None
 
 
-def trl_generalized_jsd():
-    """TRL's GKDTrainer.generalized_jsd_loss when trl is installed, else None."""
-    if importlib.util.find_spec("trl") is None:
+def label_mismatch(provider: str, recorded: list[tuple[str, str]]) -> str | None:
+    """Why `provider`'s label is wrong for the (op, backend) calls recorded while it ran:
+    every call must have run the backend the label names. None when the label holds
+    (or when the provider is not one of ours)."""
+    want = claimed_backend(provider)
+    if want is None:
         return None
-    try:
-        from trl import GKDTrainer
-    except Exception:
-        return None
-    return getattr(GKDTrainer, "generalized_jsd_loss", None)
-
-
-def pot():
-    return _need_module("ot", "POT")
+    if not recorded:
+        return f"no kdkernels dispatch was recorded (expected {want})"
+    wrong: dict[str, list[str]] = {}
+    for op, be in recorded:
+        if be != want and op not in wrong.setdefault(be, []):
+            wrong[be].append(op)
+    if wrong:
+        ran = "; ".join(f"{be} ({', '.join(ops)})" for be, ops in sorted(wrong.items()))
+        return f"ran {ran}, not {want}"
+    return None
 
 
 _COMPILED: dict = {}
@@ -134,6 +139,33 @@ def compiled(fn):
                 dynamo.config.accumulated_cache_size_limit, 4096)
         _COMPILED[fn] = torch.compile(fn, dynamic=False)
     return _COMPILED[fn]
+
+
+def ours_factory(op: str, call: Callable, backend: str, **kw):
+    """Factory of `call(kdkernels.<op>, inputs, backend=backend, **kw)`."""
+
+    def factory():
+        fn = ours(op)
+        return lambda x: call(fn, x, backend=backend, **kw)
+
+    return factory
+
+
+def with_ours(op: str, call: Callable, device: torch.device, extra: dict) -> dict:
+    """One provider per backend of `op` that can run on `device`, then `extra`."""
+    out = {provider_name(be): ours_factory(op, call, be) for be in our_backends(op, device)}
+    out.update(extra)
+    return out
+
+
+def eager_and_compile(eager: Callable, call: Callable) -> dict:
+    """`eager` (the naive PyTorch function) and `compile` (torch.compile of it)."""
+
+    def compile_factory():
+        c = compiled(eager)
+        return lambda x: call(c, x)
+
+    return {"eager": lambda: (lambda x: call(eager, x)), "compile": compile_factory}
 
 
 def versions() -> dict[str, str]:

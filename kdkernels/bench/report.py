@@ -20,10 +20,10 @@ import math
 import os
 from collections import OrderedDict
 
-from .cases import MODES
 from .cpumem import MemResult
 from .floors import Floors
-from .runner import Result
+from .model import MODES, shape_str
+from .runner import BUDGET_NOTE, Result
 
 MIB = float(1 << 20)
 CSV_FIELDS = ("date", "device", "device_type", "versions", "group", "op", "mode", "provider",
@@ -100,8 +100,6 @@ def write_csv(path: str, meta: dict, floors: Floors, results: list[Result],
         add(*base, "case_wall", r.wall_s, "s")
     for m in mem:
         c = m.case
-        from .cases import shape_str
-
         base = ("cpu-memory", c.op, "forward+backward", c.provider, shape_str(c.shape), "float32")
         if m.status != "ok":
             add(*base, "status", None, "", m.status, m.note)
@@ -210,8 +208,6 @@ def markdown(meta: dict, floors: Floors, results: list[Result], mem: list[MemRes
                   "above the RSS after the inputs were built (gradients included).", "",
                   "| op | provider | shape | peak Δ | grad | Δ ÷ grad | bound | time | vs "
                   "eager | check |", "|---|---|---|---|---|---|---|---|---|---|"]
-        from .cases import shape_str
-
         for m in mem:
             c = m.case
             if m.status != "ok":
@@ -236,7 +232,7 @@ def markdown(meta: dict, floors: Floors, results: list[Result], mem: list[MemRes
             lines += [f"### {op}", ""] + table + [""]
     missing = OrderedDict()
     for r in results:
-        if r.status != "ok":
+        if r.status != "ok" and not r.cut_by_budget:
             missing.setdefault((r.op, r.provider, r.status, r.note), 0)
             missing[(r.op, r.provider, r.status, r.note)] += 1
     if missing:
@@ -244,7 +240,33 @@ def markdown(meta: dict, floors: Floors, results: list[Result], mem: list[MemRes
                   "|---|---|---|---|---|"]
         for (op, prov, st, note), n in missing.items():
             lines.append(f"| {op} | {prov} | {st} | {note.replace('|', '/')} | {n} |")
+    cut = budget_lines(results)
+    if cut:
+        lines += [""] + cut
     return "\n".join(lines) + "\n"
+
+
+def budget_lines(results: list[Result]) -> list[str]:
+    """The cases the time budget cut, one row per op, shape and dtype ([] if none)."""
+    cut: OrderedDict = OrderedDict()  # (op, shape, dtype) -> {mode: [providers]}
+    for r in results:
+        if r.cut_by_budget:
+            by_mode = cut.setdefault((r.op, r.shape_str, r.dtype), OrderedDict())
+            by_mode.setdefault(r.mode, []).append(r.provider)
+    if not cut:
+        return []
+    n = sum(r.cut_by_budget for r in results)
+    lines = ["## Cut by the time budget", "",
+             f"{n} case(s) {BUDGET_NOTE}: every op kept its base shape; these sweep points "
+             "and compile cases did not fit (a longer --time-budget, or fewer --ops, runs "
+             "them).", "", "| op | shape | dtype | modes | providers |", "|---|---|---|---|---|"]
+    for (op, shp, dt), by_mode in cut.items():
+        rows: OrderedDict = OrderedDict()  # providers -> modes cut with exactly those
+        for mode, provs in by_mode.items():
+            rows.setdefault(", ".join(provs), []).append(mode)
+        for provs, modes in rows.items():
+            lines.append(f"| {op} | {shp} | {dt} | {', '.join(modes)} | {provs} |")
+    return lines
 
 
 # -- plots -----------------------------------------------------------------------------
@@ -267,12 +289,17 @@ def _sweeps(rows: list[Result], base: dict | None) -> dict[str, list[Result]]:
                 out.setdefault(k, []).append(r)
         elif len(diff) == 1:
             out.setdefault(diff[0], []).append(r)
-    return {k: v for k, v in out.items()
-            if len({r.shape[k] for r in v}) > 1}
+    swept = {k: v for k, v in out.items() if len({r.shape[k] for r in v}) > 1}
+    if swept or not rows:
+        return swept
+    # nothing swept (a base-only preset, or a sweep the time budget cut): the base points
+    key = rows[0].vocab_key if rows[0].vocab_key in base else next(iter(base))
+    return {key: [r for r in rows if r.shape == base]}
 
 
 def write_plots(out_dir: str, results: list[Result]) -> list[str]:
-    """One PNG per op: time and peak memory against each swept axis (vocab, tokens, ...)."""
+    """One PNG per op with at least one measured case: time and peak memory against each
+    swept axis (vocab, tokens, ...); an op with no sweep point gets its base-shape points."""
     try:
         import matplotlib
 
@@ -303,6 +330,8 @@ def write_plots(out_dir: str, results: list[Result]) -> list[str]:
                 axs[i][0].plot(xs, [r.timing.median * 1e3 for _, r in pts], "o-", label=prov)
                 axs[i][1].plot(xs, [r.peak_bytes / MIB for _, r in pts], "o-", label=prov)
             fixed = ", ".join(f"{k}={v}" for k, v in base.items() if k != key)
+            if len({r.shape[key] for r in sweeps[key]}) == 1:
+                fixed += "; base shape only"
             for j, (ylab, title) in enumerate((("median time (ms)", "time"),
                                                ("peak memory (MiB)", "memory"))):
                 ax = axs[i][j]
