@@ -193,3 +193,30 @@ def test_fullgraph_compile_matches_eager(name):
     out.backward()
     assert rel_err(out.detach(), ref) <= 1e-6
     assert rel_err(s.grad, ref_grad) <= 1e-6
+
+
+# loss (= its table's op) -> positions of the gradient outputs in the implementation's
+# arguments (an empty tensor there: no gradient)
+GRAD_ARGS = {"kd_loss": (5,), "plackett_luce_loss": (3,), "topk_kd_loss": (3,),
+             "fused_linear_kd_loss": (10, 11, 12)}
+
+
+@pytest.mark.parametrize("name", sorted(GRAD_ARGS))
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_no_gradient_is_computed_or_allocated_without_autograd(name, mode, monkeypatch):
+    from kdkernels._core.backend import TABLES
+
+    (table,) = [t for t in TABLES if t.op == name]
+    real = table.implementation("torch")
+    seen = []
+
+    def spy(*args):
+        seen.append([args[i].numel() for i in GRAD_ARGS[name]])
+        return real(*args)
+
+    monkeypatch.setitem(table._fns, "torch", spy)
+    x = _inputs(name)  # the student requires grad
+    with getattr(torch, mode)():
+        out = LOSSES[name].call(x)
+    assert not out.requires_grad
+    assert seen and all(n == 0 for sizes in seen for n in sizes), seen

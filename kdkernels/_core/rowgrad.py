@@ -29,20 +29,22 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def loss_scale(reduction: str, labels, n_rows: int, normalizer, ignore_index: int, device):
-    """0-dim float32 tensor multiplying every row's gradient: 1/denominator for 'mean'
-    (normalizer, else the number of valid rows, at least 1), else 1. No host sync."""
-    ones = dict(dtype=torch.float32, device=device)
+def loss_scale(reduction: str, labels, n_rows: int, normalizer, ignore_index: int, device,
+               dtype=torch.float32):
+    """0-dim tensor multiplying every row's gradient: 1/denominator for 'mean'
+    (normalizer, else the number of valid rows, at least 1), else 1. No host sync.
+    dtype: float32, or float64 for float64 inputs (whose gradients keep 1/N's digits)."""
+    opts = dict(dtype=dtype, device=device)
     if reduction != "mean":
-        return torch.ones((), **ones)
+        return torch.ones((), **opts)
     if normalizer is None:
         if labels is None:
-            return torch.full((), 1.0 / max(1, n_rows), **ones)
+            return torch.full((), 1.0 / max(1, n_rows), **opts)
         count = (labels != ignore_index).sum().clamp_min(1)
-        return count.to(torch.float32).reciprocal()
+        return count.to(dtype).reciprocal()
     if isinstance(normalizer, torch.Tensor):
-        return normalizer.to(**ones).reciprocal()
-    return torch.full((), 1.0 / normalizer, **ones)
+        return normalizer.to(**opts).reciprocal()
+    return torch.full((), 1.0 / normalizer, **opts)
 
 
 def reduce_rows(loss: torch.Tensor, scale: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -50,7 +52,7 @@ def reduce_rows(loss: torch.Tensor, scale: torch.Tensor, reduction: str) -> torc
     if reduction == "none":
         return loss
     total = loss.sum()
-    return total * scale if reduction == "mean" else total
+    return (total * scale).float() if reduction == "mean" else total
 
 
 def refuse_double_backward(op: str) -> None:
@@ -147,7 +149,8 @@ def row_loss(function, launch, student, labels, *args, reduction: str, normalize
     lead = student.shape[:-1]
     s = as_rows(student)
     y = labels.reshape(-1) if labels is not None else None
-    scale = loss_scale(reduction, y, s.shape[0], normalizer, ignore_index, s.device)
+    wide = torch.float64 if s.dtype == torch.float64 else torch.float32
+    scale = loss_scale(reduction, y, s.shape[0], normalizer, ignore_index, s.device, wide)
     if torch.is_grad_enabled() and s.requires_grad:
         out = function.apply(s, scale, reduction, backend, y, *args)
     else:

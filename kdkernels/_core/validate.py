@@ -103,11 +103,19 @@ def check_reduction(reduction) -> str:
     return check_choice("reduction", reduction, REDUCTIONS)
 
 
-def check_normalizer(normalizer):
-    """None, a positive finite number, or a 0-dim floating/integer tensor (kept on its device)."""
+def check_normalizer(normalizer, device=None):
+    """None, a positive finite number, or a 0-dim floating/integer tensor (kept on its
+    device, which must be the CPU or `device`, the logits' device)."""
     if normalizer is None:
         return None
     if isinstance(normalizer, torch.Tensor):
+        where = normalizer.device
+        if where.type == "meta" or (device is not None and where.type != "cpu"
+                                    and where != device):
+            raise ValueError(
+                f"normalizer is a tensor on {where} but the logits are on {device}; pass a "
+                "number, or a 0-dim tensor on the logits' device or the CPU"
+            )
         if normalizer.dim() != 0:
             raise ValueError(
                 "normalizer must be a number or a 0-dim tensor, "
@@ -154,5 +162,10 @@ def check_row_args(labels, lead_shape, num_classes: int, device, *, ignore_index
     (see check_labels) and `normalizer`. Returns (ignore_index, normalizer)."""
     ignore_index = check_int("ignore_index", ignore_index)
     check_reduction(reduction)
+    if normalizer is not None and reduction != "mean":
+        raise ValueError(
+            f"normalizer is the denominator of reduction='mean'; with reduction="
+            f"{reduction!r} it would be ignored. Pass reduction='mean' or drop normalizer"
+        )
     check_labels(labels, lead_shape, num_classes, ignore_index, device)
-    return ignore_index, check_normalizer(normalizer)
+    return ignore_index, check_normalizer(normalizer, device)

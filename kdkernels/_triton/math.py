@@ -56,6 +56,24 @@ def sigmoid(x):
 
 
 @triton.jit
+def sigmoid_minus_softplus(x):
+    """sigmoid(x) − softplus(x) = w + log(1 − w), w = sigmoid(x). Below w = ¼ the two
+    terms cancel (the value is ≈ −w²/2): there it is the series −Σ_{k≥2} wᵏ/k, to k = 14
+    (truncation < 1e-8 relative)."""
+    w = sigmoid(x)
+    series = 1.0 / 14.0
+    for i in tl.static_range(12):  # k = 13, 12, ..., 2
+        series = series * w + 1.0 / (13 - i)
+    return tl.where(w < 0.25, -series * w * w, w - softplus(x))
+
+
+@triton.jit
+def nonfinite_count(x):
+    """How many entries of the tile x are NaN or +inf (-inf is a mask, not counted)."""
+    return tl.sum(((x != x) | (x == float("inf"))).to(tl.int32), 0)
+
+
+@triton.jit
 def tanh(u):
     """tanh(u) = sign(u)(1 − e)/(1 + e), e = exp(−2|u|), for |u| >= 1/4; the odd Taylor
     series to u⁹ below, where 1 − e would cancel (truncation < 2e-8 relative)."""

@@ -264,7 +264,8 @@ def fused_linear_kd_loss(
     wt, bt = wt.detach(), teacher_bias.detach() if teacher_bias is not None else None
     y = labels.reshape(-1).contiguous() if labels is not None else None
     n = hs2.shape[0]
-    scale = loss_scale(reduction, y, n, normalizer, prm.ignore_index, device)
+    wide = torch.float64 if ws.dtype == torch.float64 else torch.float32
+    scale = loss_scale(reduction, y, n, normalizer, prm.ignore_index, device, wide)
     check_choice("weight_grad_accumulation", weight_grad_accumulation, ("float32", "weight"))
     cfg = FusedConfig(prm, v, reduction, be, chunk, s_cap, s_mult, t_cap, t_mult,
                       weight_grad_accumulation == "weight")

@@ -11,7 +11,7 @@ from .ops import GRAPH_LOSS, LOGIT_GRAPH
 
 
 def _check_mask(mask, shape, device):
-    """Bool mask of `shape` (bool or integer input, nonzero = valid), or None."""
+    """Bool mask of `shape` (bool, or integer 0/1: values checked on CPU tensors), or None."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
@@ -22,7 +22,16 @@ def _check_mask(mask, shape, device):
         raise ValueError(f"mask must have shape {tuple(shape)}, got {tuple(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"mask is on {mask.device} but the logits are on {device}")
-    return mask if mask.dtype == torch.bool else mask != 0
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            raise ValueError(
+                f"an integer mask must hold 0 (masked) or 1 (valid), found "
+                f"{mask[bad].flatten()[0].item()}; pass a bool mask"
+            )
+    return mask != 0
 
 
 def topk_logit_graph(
@@ -104,8 +113,6 @@ def graph_on_logits_loss(
     temperature = check_number("temperature", temperature, lo=0.0, lo_open=True)
     valid = _check_mask(mask, (g, t_len), device)
     be = GRAPH_LOSS.resolve(backend, device)
-    if valid is None:
-        valid = torch.ones(g, t_len, dtype=torch.bool, device=device)
     if g == 0 or t_len == 0:
         return s.new_zeros((), dtype=torch.float32) + 0.0 * s.sum()
     return GRAPH_LOSS(be, s, t.detach(), k, 1.0 / temperature, valid)

@@ -55,11 +55,20 @@ def _compute_dtype(x: torch.Tensor):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _rows_ok(z, row_ok, r0: int, r1: int):
+    """Rows r0:r1 of z, the rows that are not ok replaced by zeros."""
+    zc = z[r0:r1]
+    return zc if row_ok is None else torch.where(row_ok[r0:r1, None], zc, 0.0)
+
+
 class TopkSoftmaxFunction(torch.autograd.Function):
-    """z [N, V] -> (a [N, k] top-k softmax(z/τ) entries in cdt, idx [N, k] long)."""
+    """z [N, V] -> (a [N, k] top-k softmax(z/τ) entries in cdt, idx [N, k] long).
+
+    row_ok: [N] bool or None; a row that is not ok (a masked position) is read as zeros,
+    so that whatever it holds (NaN, ±inf) never reaches the outputs or the gradient."""
 
     @staticmethod
-    def forward(ctx, z, k: int, inv_temp: float, cdt):
+    def forward(ctx, z, k: int, inv_temp: float, cdt, row_ok):
         n, v = z.shape
         vals = torch.empty(n, k, dtype=cdt, device=z.device)
         idx = torch.empty(n, k, dtype=torch.long, device=z.device)
@@ -68,7 +77,7 @@ class TopkSoftmaxFunction(torch.autograd.Function):
         step = chunk_rows(v, itemsize=16)
         for r0 in range(0, n, step):
             r1 = min(n, r0 + step)
-            zc = z[r0:r1]
+            zc = _rows_ok(z, row_ok, r0, r1)
             ic = top_indices(zc, k)
             x = zc.to(cdt, copy=True).mul_(inv_temp)
             lc = torch.logsumexp(x, dim=-1, keepdim=True)
@@ -78,18 +87,18 @@ class TopkSoftmaxFunction(torch.autograd.Function):
             idx[r0:r1] = ic
             lse[r0:r1] = lc.squeeze(-1)
         ctx.mark_non_differentiable(idx)
-        ctx.save_for_backward(z, vals, idx, lse, tail)
+        ctx.save_for_backward(z, vals, idx, lse, tail, row_ok)
         ctx.inv_temp = inv_temp
         return vals, idx
 
     @staticmethod
     def backward(ctx, a_bar, _idx_bar):
         refuse_double_backward("graph_on_logits_loss")
-        z, vals, idx, lse, tail = ctx.saved_tensors
+        z, vals, idx, lse, tail, row_ok = ctx.saved_tensors
         inv_temp = ctx.inv_temp
         cdt = vals.dtype
         if a_bar is None:
-            return None, None, None, None
+            return None, None, None, None, None
         a_bar = a_bar.to(cdt)
         # per row: c = Σ_K p ā, and ā_w − c relative to the mode (the largest a in K)
         c = (vals * a_bar).sum(-1, keepdim=True)
@@ -102,22 +111,25 @@ class TopkSoftmaxFunction(torch.autograd.Function):
         step = chunk_rows(v, itemsize=16)
         for r0 in range(0, n, step):
             r1 = min(n, r0 + step)
-            p = z[r0:r1].to(cdt, copy=True).mul_(inv_temp).sub_(lse[r0:r1, None]).exp_()
+            zc = _rows_ok(z, row_ok, r0, r1)
+            p = zc.to(cdt, copy=True).mul_(inv_temp).sub_(lse[r0:r1, None]).exp_()
             p.mul_(c[r0:r1] * -inv_temp).scatter_(1, idx[r0:r1], in_k[r0:r1])
             grad[r0:r1] = p
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
-def _strengths(z, k: int, inv_temp: float, valid):
+def _strengths(z, k: int, inv_temp: float, valid, masked: bool):
     """Dense node strengths d [G, V] (float64, zero off U) and node counts |U| [G].
 
-    z: [G, T, V]; valid: [G, T] bool.
+    z: [G, T, V]; valid: [G, T] bool; masked: whether any position may be masked (else
+    the rows are read as they are, without a zeroing pass).
     """
     g, t_len, v = z.shape
     cdt = _compute_dtype(z)
     zz = z.reshape(g * t_len, v)
     zz = zz if zz.stride(-1) == 1 else zz.contiguous()
-    vals, idx = TopkSoftmaxFunction.apply(zz, k, inv_temp, cdt)
+    row_ok = valid.reshape(-1) if masked else None
+    vals, idx = TopkSoftmaxFunction.apply(zz, k, inv_temp, cdt, row_ok)
     a = vals.reshape(g, t_len, k).double() * valid.unsqueeze(-1)
     mass = a.sum(-1, keepdim=True)  # m_t
     idx = idx.reshape(g, t_len * k)
@@ -176,7 +188,7 @@ def topk_logit_graph_torch(z, k: int, inv_temp: float, valid):
     """(nodes [n] int64 ascending, adjacency [n, n]) of one group z [T, V] (unit column
     stride); valid: [T] bool or None."""
     cdt = _compute_dtype(z)
-    vals, idx = TopkSoftmaxFunction.apply(z, k, inv_temp, cdt)
+    vals, idx = TopkSoftmaxFunction.apply(z, k, inv_temp, cdt, valid)
     if valid is not None:
         vals, idx = vals[valid], idx[valid]
     nodes, inv = torch.unique(idx, sorted=True, return_inverse=True)
@@ -187,11 +199,15 @@ def topk_logit_graph_torch(z, k: int, inv_temp: float, valid):
 
 def graph_on_logits_loss_torch(s, t, k: int, inv_temp: float, valid):
     """The loss of s [G, T, V_s] against the constant t [G, T, V_t] with valid [G, T]
-    (G, T >= 1): mean over groups with a valid position of the better 1-D GW cost."""
+    (None: every position; G, T >= 1): mean over groups with a valid position of the
+    better 1-D GW cost."""
+    masked = valid is not None
+    if not masked:
+        valid = torch.ones(s.shape[:2], dtype=torch.bool, device=s.device)
     t_len, v_s, v_t = s.shape[1], s.shape[2], t.shape[2]
-    d_s, n_s = _strengths(s, k, inv_temp, valid)
+    d_s, n_s = _strengths(s, k, inv_temp, valid, masked)
     with torch.no_grad():
-        d_t, n_t = _strengths(t.detach(), k, inv_temp, valid)
+        d_t, n_t = _strengths(t.detach(), k, inv_temp, valid, masked)
     width = max(min(v_s, t_len * k), min(v_t, t_len * k))
     x = _sorted_padded(d_s, width)
     y = _sorted_padded(d_t, width)

@@ -17,12 +17,14 @@ Forward KL and TAID use the closed form q − p (q − r). The hard-label term a
 CE'(s) = softmax(s) − onehot(y) on the untempered logits.
 
 Precision: at wide logit spreads q is nearly one-hot at its argmax j*, ḡ ≈ g_{j*}, and
-q_{j*}(g_{j*} − ḡ) cancels catastrophically in float32. We keep the "pivot" j* apart:
-G' = Σ_{v≠j*} q_v g_v, ḡ = q_{j*} g_{j*} + G', and the pivot's derivative is
-q_{j*}((1 − q_{j*}) g_{j*} − G') with 1 − q_{j*} = −expm1(log q_{j*}), free of
-cancellation. Logs come from log_softmax, which computes (a − max) − log Σ e^{a − max}
-and so never rounds a large lse. The Triton kernel does the same with Z' = Σ_{v≠j*}
-e^{a_v − a_{j*}} (1 − q_{j*} = Z'/(1+Z')), which it accumulates online.
+q_{j*}(g_{j*} − ḡ) cancels catastrophically in float32. Every term of the gradient sums to
+0 over the row (softmax Jacobians), so the "pivot" j*'s entry is written as minus the sum
+of the others, which carry no cancellation: this also covers forward KL's and TAID's
+q − p and the hard label's softmax_y − 1, which are 1 − 1 at the pivot when student and
+teacher peak at the same class. tvd takes its pivot term p − q as
+Σ_{v≠j*} q − Σ_{v≠j*} p for the same reason. Logs come from
+log_softmax, which computes (a − max) − log Σ e^{a − max} and so never rounds a large
+lse. The Triton and CUDA kernels do the same (the pivot's entry last).
 """
 
 from __future__ import annotations
@@ -32,9 +34,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .._core.chunking import chunk_rows
 from .params import FWD_KL, JSD, REV_KL, SKEW_FWD, SKEW_REV, TAID, TVD, ZERO, KDParams
-
-CHUNK_ELEMS = 1 << 20  # elements per chunk block (4 MiB in float32)
 
 
 def _xlog(x, logx, logy):
@@ -62,8 +63,11 @@ def _pair_terms(code: int, logq, q, logp, p, w: float, a, b, piv):
         g = (a - a.gather(-1, piv)).sub_(b - b.gather(-1, piv))
         return _xlog(q, logq, logp), torch.where(q > 0, g, 0.0)
     if code == TVD:
-        diff = p - q
-        d_row = torch.linalg.vector_norm(diff, ord=1, dim=-1, keepdim=True).mul_(0.5)
+        # p − q, at the pivot as Σ_{v≠j*} q − Σ_{v≠j*} p (1 − 1 when both peak at j*)
+        diff = (p - q).scatter_(-1, piv, 0.0)
+        diff.scatter_(-1, piv, -diff.sum(-1, keepdim=True))
+        # (a cascade sum: linalg.vector_norm's L1 loses ~1e-5 at V = 50k in float32)
+        d_row = diff.abs().sum(-1, keepdim=True).mul_(0.5)
         return d_row, torch.sign(diff).add_(1.0).mul_(-0.5)  # −½(sign(p − q) + 1)
     log_r = logp - logq
     if code == JSD:
@@ -79,9 +83,48 @@ def _pair_terms(code: int, logq, q, logp, p, w: float, a, b, piv):
     if code == SKEW_REV:
         logm = torch.logaddexp(logp + math.log1p(-w), logq + math.log(w))
         x = log_r.add_(math.log1p(-w) - math.log(w))
+        # (sigmoid − softplus cancels where both are ≈ w ≪ 1: rows whose gradient is that
+        # small keep ~1e-3 of it here; the kernels evaluate it as a series instead)
         g = torch.where(q > 0, torch.sigmoid(x) - F.softplus(x), 0.0)
         return _xlog(q, logq, logm), g
     raise AssertionError(code)
+
+
+def _centered(q, g):
+    """∂D/∂a = q (g − ḡ), ḡ = Σ_v q_v g_v. The pivot's own entry, where this cancels, is
+    replaced afterwards (kd_fwd_torch)."""
+    g_bar = (q * g).sum(-1, keepdim=True)
+    return g.sub_(g_bar).mul_(q)
+
+
+# A row whose largest probability is above 1 − 2⁻¹⁰ may lose its pivot entry to 1 − 1.
+_NEAR_ONE_HOT = -(2.0**-10)
+
+
+def _pivot_last(g, piv, rows=None):
+    """Rewrite the pivot's entry of the row-gradient g [R, V] as minus the sum of the
+    others (every term sums to 0 over the row). piv: the argmax [R', 1] of the rows
+    `rows` ([R'] indices, None: all rows)."""
+    if rows is None:
+        g.scatter_(-1, piv, 0.0)
+        g.scatter_(-1, piv, -g.sum(-1, keepdim=True))
+    elif rows.numel():
+        sub = g[rows].scatter_(-1, piv, 0.0)
+        g[rows] = sub.scatter_(-1, piv, -sub.sum(-1, keepdim=True))
+
+
+def _near_one_hot_pivots(a, lq_max, logsm):
+    """(rows, their argmax) of the rows where q (or softmax(s), for the hard label) has
+    an entry near 1: forward KL's and TAID's closed-form q − p, and softmax_y − 1, only
+    cancel there. Found on the CPU with one cheap reduction (an argmax of every row would
+    cost this path a fifth of its time); on a GPU every row (no host sync)."""
+    if a.device.type != "cpu":
+        return None, a.argmax(-1, keepdim=True)
+    near = lq_max > _NEAR_ONE_HOT
+    if logsm is not None:
+        near |= logsm.amax(-1) > _NEAR_ONE_HOT
+    rows = near.nonzero()[:, 0]
+    return rows, a[rows].argmax(-1, keepdim=True)
 
 
 def kd_fwd_torch(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int) -> None:
@@ -95,7 +138,7 @@ def kd_fwd_torch(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int)
     n = s.shape[0]
     cdt = torch.float64 if s.dtype == torch.float64 else torch.float32
     want_grad = grad_out.numel() > 0
-    rows = max(1, CHUNK_ELEMS // max(v, 1))
+    rows = chunk_rows(v)
     # A CPU scale is read once (free); on a GPU it stays a tensor (no host sync).
     scale_c = float(scale) if scale.device.type == "cpu" else scale.to(cdt)
     code = prm.div
@@ -103,18 +146,28 @@ def kd_fwd_torch(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int)
         r1 = min(n, r0 + rows)
         x = s[r0:r1, :v].to(cdt)
         a = x * prm.inv_temp if prm.inv_temp != 1.0 else x
-        # log_softmax computes (a − max) − log Σ e^{a − max}: no rounding of a large lse.
         logq = torch.log_softmax(a, -1)
+        # A row without a softmax (NaN or +inf anywhere, or every entry -inf) has a NaN
+        # in its log_softmax, which amax propagates: its loss and gradient row are NaN,
+        # whatever the terms below make of it (docs/spec.md).
+        lq_max = logq.amax(-1)
+        piv_rows = None
+        if code not in (FWD_KL, TAID, ZERO):
+            piv = a.argmax(-1, keepdim=True)
         valid = y_safe = None
         if labels is not None:
             y = labels[r0:r1]
             valid = y != prm.ignore_index
             y_safe = torch.where(valid, y, 0).long().unsqueeze(-1)
         loss = torch.zeros(r1 - r0, dtype=cdt, device=s.device)
+        bad = torch.isnan(lq_max)
         if prm.hard_w != 0.0:
             logsm = logq if prm.inv_temp == 1.0 else torch.log_softmax(x, -1)
             logsm_y = logsm.gather(-1, y_safe)
             loss = loss - prm.hard_w * logsm_y.squeeze(-1)
+        if want_grad and code in (FWD_KL, TAID, ZERO):  # (now: the gradient may overwrite a)
+            sep = prm.hard_w != 0.0 and prm.inv_temp != 1.0
+            piv_rows, piv = _near_one_hot_pivots(a, lq_max, logsm if sep else None)
         g_pair = None
         if code != ZERO:
             b = t[r0:r1, :v].to(cdt)
@@ -123,31 +176,24 @@ def kd_fwd_torch(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int)
             if code == TAID:  # target r = softmax((1-λ) a + λ b), not lerp: keeps -inf
                 b = (1 - prm.w) * a + prm.w * b
             logp = torch.log_softmax(b, -1)
+            bad |= torch.isnan(logp.amax(-1))
             p = logp.exp()
             if code in (FWD_KL, TAID):
-                # Σ p (log p − log q); entries with p = 0 give 0·(finite) or NaN (-inf both)
+                # Σ p (log p − log q); an entry with p = 0 gives 0·(finite) or NaN (-inf
+                # in both), which nansum drops (a real NaN input is caught by `bad`)
                 d_row = torch.nansum(logp.sub_(logq).mul_(p), -1)
             else:
                 q = logq.exp()
-                piv = a.argmax(-1, keepdim=True)
                 d, g = _pair_terms(code, logq, q, logp, p, prm.w, a, b, piv)
                 d_row = d.sum(-1)  # (tvd returns its row sums already: a [R, 1] block)
                 del d, logp, p
                 if want_grad:
-                    # ∂D/∂a = q (g − ḡ), the argmax j* of q kept apart (module docstring):
-                    # ḡ = q_{j*} g_{j*} + G', pivot: q_{j*}((1 − q_{j*}) g_{j*} − G').
-                    g_piv = g.gather(-1, piv)
-                    logq_piv = logq.gather(-1, piv)
-                    q_piv = logq_piv.exp()
-                    qg = q * g
-                    qg.scatter_(-1, piv, 0.0)
-                    g_rest = qg.sum(-1, keepdim=True)
-                    del qg
-                    g_pair = g.sub_(q_piv * g_piv + g_rest).mul_(q)
-                    g_pair.scatter_(-1, piv, q_piv * (-torch.expm1(logq_piv) * g_piv - g_rest))
+                    g_pair = _centered(q, g)
                     del q
             del b
-            loss.add_(d_row, alpha=prm.soft_w)
+            # every divergence here is >= 0: rounding may not make it negative (NaN stays)
+            loss.add_(d_row.clamp_min(0.0), alpha=prm.soft_w)
+        loss = torch.where(bad, torch.nan, loss)
         if valid is not None:
             loss = torch.where(valid, loss, 0.0)
         loss_out[r0:r1] = loss.float()
@@ -158,21 +204,24 @@ def kd_fwd_torch(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int)
         gv = grad_out[r0:r1, :v]
         out = gv if gv.dtype == cdt else torch.empty_like(logq)
         c_soft = prm.soft_w * prm.inv_temp * scale_c
+        c_soft = torch.as_tensor(c_soft, dtype=cdt, device=s.device)
+        row_c = torch.where(bad, torch.nan, c_soft).unsqueeze(-1)  # NaN in bad rows
         if code in (FWD_KL, TAID):
-            torch.exp(logq, out=out).sub_(p).mul_(c_soft)
+            torch.exp(logq, out=out).sub_(p).mul_(row_c)
         elif g_pair is not None:
-            torch.mul(g_pair, c_soft, out=out)
+            torch.mul(g_pair, row_c, out=out)
         else:
-            out.zero_()
-        if prm.hard_w != 0.0:
-            # softmax(s) − onehot(y); at y, softmax_y − 1 = expm1(log softmax_y) exactly.
+            out.copy_(row_c.mul(0.0).expand_as(out))  # zeros, NaN in bad rows
+        if prm.hard_w != 0.0:  # + softmax(s) − onehot(y)
             c_hard = prm.hard_w * scale_c
-            sm = logsm.exp().mul_(c_hard)
-            out.add_(sm)
-            fix = torch.expm1(logsm_y).mul_(c_hard) - sm.gather(-1, y_safe)
-            out.scatter_add_(-1, y_safe, fix)
+            out.add_(logsm.exp_().mul_(c_hard))
+            out.scatter_add_(-1, y_safe, torch.ones_like(logsm_y).mul_(-c_hard))
+        # Every term sums to 0 over the row (softmax Jacobians), so the pivot's entry is
+        # minus the sum of the others: there q (and p, softmax(s)) may round to 1, and
+        # q − p, q(g − ḡ) or softmax_y − 1 would be 1 − 1.
+        _pivot_last(out, piv, piv_rows)
         if valid is not None:
-            out[~valid] = 0.0
+            out.masked_fill_(~valid.unsqueeze(-1), 0.0)
         if out is not gv:
             gv.copy_(out)
     if want_grad and grad_out.shape[1] > v:

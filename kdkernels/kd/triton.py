@@ -27,7 +27,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._triton.math import log1p, logaddexp, online_step, safe_max, sigmoid, softplus
+from .._triton.math import (
+    log1p,
+    logaddexp,
+    nonfinite_count,
+    online_step,
+    safe_max,
+    sigmoid,
+    sigmoid_minus_softplus,
+    softplus,
+)
 from .._triton.tiles import row_tile
 from .params import FWD_KL, JSD, REV_KL, SKEW_FWD, SKEW_REV, TAID, TVD, ZERO, KDParams
 
@@ -66,7 +75,7 @@ def _pair_terms(logq, logp, la_lb, dc, w, log_w, log_1mw, DIV: tl.constexpr):
         logm = logaddexp(logp + log_1mw, logq + log_w)
         d = tl.where(q > 0, q * (logq - logm), 0.0)
         x = log_1mw - log_w + log_r
-        g = tl.where(q > 0, sigmoid(x) - softplus(x), 0.0)
+        g = tl.where(q > 0, sigmoid_minus_softplus(x), 0.0)
     else:  # tvd
         d = 0.5 * tl.abs(p - q)
         g = tl.where(q > p, 0.0, tl.where(q < p, -1.0, -0.5))
@@ -111,10 +120,12 @@ def _kd_fwd_kernel(
         m_x = float("-inf")
         z_x = 0.0
         acc = 0.0
+        n_bad = 0  # NaN / +inf entries: the row has no softmax (the policy: a NaN loss)
         for off in range(0, V, BLOCK_V):
             cols = off + lanes
             msk = cols < V
             x = tl.load(s_row + cols, mask=msk, other=NEG_INF).to(tl.float32)
+            n_bad += nonfinite_count(x)
             a = x * inv_temp
             t_max = tl.max(a, 0)
             t_arg = tl.argmax(a, 0)
@@ -129,6 +140,7 @@ def _kd_fwd_kernel(
             piv = tl.where(new, off + t_arg, piv)
             if NEED_B:
                 b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp
+                n_bad += nonfinite_count(b)
                 mb_new, eb, rb = online_step(m_b, b)
                 if DIV == C_FWD:  # Σ e^{b−M_b} (b − a)
                     acc = acc * rb + tl.sum(tl.where(eb > 0, eb * (b - a), 0.0), 0)
@@ -136,6 +148,7 @@ def _kd_fwd_kernel(
                 m_b = mb_new
             if DIV == C_TAID:  # c = (1−λ) a + λ b; Σ e^{c−M_c} (c − a)
                 b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp
+                n_bad += nonfinite_count(b)
                 c = (1.0 - w) * a + w * b
                 mc_new, ec, rc = online_step(m_b, c)
                 acc = acc * rc + tl.sum(tl.where(ec > 0, ec * (c - a), 0.0), 0)
@@ -146,6 +159,10 @@ def _kd_fwd_kernel(
                 z_x = z_x * rx + tl.sum(ex, 0)
                 m_x = mx_new
             m_a = ma_new
+        # no softmax: a NaN or +inf entry, or every entry -inf (student, teacher or mix)
+        bad = (n_bad > 0) | (m_a == NEG_INF)
+        if DIV != C_ZERO:
+            bad = bad | (m_b == NEG_INF)
         m_a = safe_max(m_a)
         m_b = safe_max(m_b)
         c_a = log1p(zp)  # lse_a = M_a + c_a
@@ -169,12 +186,12 @@ def _kd_fwd_kernel(
         if DIV == C_REV:
             b_ref = tl.load(t_row + piv).to(tl.float32) * inv_temp
         g_bar = 0.0
-        g_pivot = 0.0
         # ---- pass 2: divergences that need normalised distributions
         if not ONLINE:
             d_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
             qg_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
             gp_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            pr_acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # tvd: Σ_{v≠j*} p_v
             for off in range(0, V, BLOCK_V):
                 cols = off + lanes
                 msk = cols < V
@@ -184,32 +201,43 @@ def _kd_fwd_kernel(
                 d, g = _pair_terms(logq, (b - m_b) - c_b, la - (b - b_ref), c_a - c_b, w, log_w,
                                    log_1mw, DIV)
                 is_piv = cols == piv
-                d_acc += tl.where(msk, d, 0.0)
                 qg_acc += tl.where(msk, tl.where(is_piv, 0.0, tl.exp(logq) * g), 0.0)
                 gp_acc += tl.where(is_piv, g, 0.0)
+                if DIV == C_TVD:
+                    rest = msk & (cols != piv)
+                    d_acc += tl.where(rest, d, 0.0)
+                    pr_acc += tl.where(rest, tl.exp((b - m_b) - c_b), 0.0)
+                else:
+                    d_acc += tl.where(msk, d, 0.0)
             d_row = tl.sum(d_acc, 0)
             g_rest = tl.sum(qg_acc, 0)  # G' = Σ_{v≠j*} q_v g_v
             g_piv = tl.sum(gp_acc, 0)
+            if DIV == C_TVD:
+                # the pivot's p − q as Σ_{v≠j*} q − Σ_{v≠j*} p (both peak at j*: 1 − 1)
+                diff_piv = zp * q_piv - tl.sum(pr_acc, 0)
+                d_row += 0.5 * tl.abs(diff_piv)
+                g_piv = tl.where(diff_piv > 0, -1.0, tl.where(diff_piv < 0, 0.0, -0.5))
             g_bar = q_piv * g_piv + g_rest
-            # ∂D/∂a at the pivot: q_{j*}((1 − q_{j*}) g_{j*} − G')
-            g_pivot = q_piv * (zp * q_piv * g_piv - g_rest)
 
-        loss = soft_w * d_row
+        # every divergence is >= 0: rounding may not make it negative (NaN stays NaN)
+        loss = soft_w * tl.where(d_row < 0.0, 0.0, d_row)
         if HARD:
             y_ok = (y >= 0) & (y < V)
             # An out-of-range label on the GPU (labels are range-checked on the CPU only)
             # reads nothing and makes this row's loss NaN rather than a wrong number.
             x_y = tl.load(s_row + y, mask=y_ok, other=float("nan")).to(tl.float32)
             loss += hard_w * (c_x - (x_y - m_x))
-        tl.store(LOSS + row, loss)
+        tl.store(LOSS + row, tl.where(bad, float("nan"), loss))
 
         # ---- pass 3: gradient w.r.t. the student logits
         if COMPUTE_GRAD:
             sc = tl.load(SCALE).to(tl.float32)
             c_soft = soft_w * inv_temp * sc
             c_hard = hard_w * sc
-            # CE'(y) = softmax(s)_y − 1; when τ = 1 and y is the pivot, that is −Z'/(1+Z').
-            ce_piv = -zp * q_piv
+            # Every term of the gradient sums to 0 over the row (softmax Jacobians), so the
+            # pivot's entry, where q (and p, softmax(s)) may round to 1 and q − p or
+            # softmax_y − 1 to 1 − 1, is written last as minus the sum of the others.
+            rest = tl.zeros([BLOCK_V], dtype=tl.float32)
             for off in range(0, V, BLOCK_V):
                 cols = off + lanes
                 msk = cols < V
@@ -228,15 +256,17 @@ def _kd_fwd_kernel(
                     else:
                         d, gq = _pair_terms(logq, (b - m_b) - c_b, la - (b - b_ref), c_a - c_b,
                                             w, log_w, log_1mw, DIV)
-                        g = tl.where(cols == piv, g_pivot, q * (gq - g_bar))
+                        g = q * (gq - g_bar)
                 g = g * c_soft
                 if HARD:
                     sm = tl.exp((x - m_x) - c_x)
-                    ce = sm - tl.where(cols == y, 1.0, 0.0)
-                    if not TEMPERED:
-                        ce = tl.where(cols == y, tl.where(y == piv, ce_piv, ce), ce)
-                    g += c_hard * ce
-                tl.store(g_row + cols, g.to(GRAD.dtype.element_ty), mask=msk)
+                    g += c_hard * (sm - tl.where(cols == y, 1.0, 0.0))
+                others = msk & (cols != piv)
+                rest += tl.where(others, g, 0.0)
+                g = tl.where(bad, float("nan"), g)
+                tl.store(g_row + cols, g.to(GRAD.dtype.element_ty), mask=others)
+            g_p = tl.where(bad, float("nan"), -tl.sum(rest, 0))
+            tl.store(g_row + piv, g_p.to(GRAD.dtype.element_ty))
             if ZERO_TAIL:
                 for off in range(V, V_G, BLOCK_V):
                     cols = off + lanes

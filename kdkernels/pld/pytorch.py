@@ -80,6 +80,8 @@ def pld_fwd_torch(s, scale, loss_out, grad_out, labels, t, inv_temp: float, top_
             top = _label_first(top, torch.where(valid, y, top[:, 0]))
         x = s[r0:r1].to(f64, copy=True)  # modified in place below
         b = tc.to(f64) * inv_temp
+        # no softmax on either side (a NaN or +inf, or all -inf): the row's loss is NaN
+        bad = ~torch.isfinite(x.amax(1)) | ~torch.isfinite(b.amax(1))
         logw = b.gather(1, top).sub_(torch.logsumexp(b, 1, keepdim=True))  # log w_k, k < K
         del b
         w = logw.exp()
@@ -89,7 +91,8 @@ def pld_fwd_torch(s, scale, loss_out, grad_out, labels, t, inv_temp: float, top_
             x.scatter_(1, top, _NEG_INF)  # x now holds the unranked tail only
             lse = torch.logaddexp(lse, torch.logsumexp(x, 1, keepdim=True))
         has_w = w > 0  # 0 · (LSE − s) = 0 even where both are -inf
-        loss = torch.where(has_w, w * (lse - xs), 0.0).sum(1)
+        loss = torch.where(has_w, w * (lse - xs), 0.0).sum(1).clamp_min(0.0)
+        loss = torch.where(bad, torch.nan, loss)
         if valid is not None:
             loss = torch.where(valid, loss, 0.0)
         loss_out[r0:r1] = loss.float()
@@ -98,7 +101,7 @@ def pld_fwd_torch(s, scale, loss_out, grad_out, labels, t, inv_temp: float, top_
         c = torch.logcumsumexp(torch.where(has_w, logw - lse, _NEG_INF), 1)
         g = x.add_(c[:, k - 1 :]).exp_() if k < v else x  # tail: exp(s_v + c_{K−1})
         g.scatter_(1, top, torch.exp(xs + c) - w)
-        g.mul_(scale64)
+        g.mul_(scale64).masked_fill_(bad.unsqueeze(1), torch.nan)
         if valid is not None:  # a fill, not a product: ignored rows stay 0 even if inf/NaN
             g.masked_fill_(~valid.unsqueeze(1), 0.0)
         grad_out[r0:r1] = g

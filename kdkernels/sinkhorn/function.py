@@ -51,6 +51,25 @@ def _log_marginal(name, w, lead, size, cdt, device):
     return w.log()
 
 
+def _check_equal_mass(a, b, rtol: float = 1e-4) -> None:
+    """Balanced OT: Σa = Σb (1 for a uniform marginal), per problem; checked on CPU
+    tensors only (a GPU check would synchronise the host) and not while tracing."""
+    given = [w for w in (a, b) if w is not None]
+    if not given or any(w.device.type != "cpu" for w in given) or torch.compiler.is_compiling():
+        return
+    mass = [w.detach().double().sum(-1) if w is not None else torch.ones((), dtype=torch.float64)
+            for w in (a, b)]
+    ma, mb = torch.broadcast_tensors(*mass)
+    off = (ma - mb).abs() > rtol * torch.maximum(ma, mb)
+    if bool(off.any()):
+        i = off.flatten().nonzero()[0, 0]
+        raise ValueError(
+            "a and b must carry the same total mass (balanced optimal transport; a "
+            f"marginal left as None has mass 1): found Σa = {ma.flatten()[i]:.6g} and "
+            f"Σb = {mb.flatten()[i]:.6g}"
+        )
+
+
 def sinkhorn(
     cost: torch.Tensor,
     a: torch.Tensor | None = None,
@@ -99,6 +118,7 @@ def sinkhorn(
     cdt = _compute_dtype(cost)
     log_a = _log_marginal("a", a, lead, b1, cdt, device)
     log_b = _log_marginal("b", b, lead, b2, cdt, device)
+    _check_equal_mass(a, b)
     be = SINKHORN.resolve(backend, device)
     c = cost.to(cdt).reshape(-1, b1, b2)
     f, g = SINKHORN(be, c, log_a, log_b, epsilon, n_iters, tol)

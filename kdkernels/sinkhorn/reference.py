@@ -55,7 +55,7 @@ def sinkhorn_loss_ref(
     """docs/spec.md §4 `sinkhorn_loss` in `compute_dtype` (no validation: the oracle).
 
     `unrolled` differentiates through every recorded iteration; `envelope` detaches the
-    plan. The loss comes back in `compute_dtype`.
+    plan. The loss comes back in `compute_dtype` (0 when there is no batch at all).
     """
     s = student_logits.to(compute_dtype)
     t = teacher_logits.to(compute_dtype)
@@ -65,4 +65,4 @@ def sinkhorn_loss_ref(
     if grad == "envelope":
         plan = plan.detach()
     loss = (plan * c).sum(dim=(-2, -1))
-    return loss.mean()
+    return loss.mean() if loss.numel() else loss.sum()  # no batch at all: 0

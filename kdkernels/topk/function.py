@@ -56,16 +56,18 @@ def _check_indices(idx: torch.Tensor, v: int) -> None:
         )
 
 
-def _check_logprobs(vals: torch.Tensor, idx: torch.Tensor) -> None:
-    """Non-padded log-probabilities must have Σ exp <= 1 (CPU tensors only, not traced)."""
+def _check_logprobs(vals: torch.Tensor, idx: torch.Tensor, labels, ignore_index: int) -> None:
+    """Non-padded log-probabilities of a counted row must have Σ exp <= 1 (CPU tensors
+    only, not traced). NaN is data, not an argument error: it makes the row's loss NaN."""
     if vals.device.type != "cpu" or vals.numel() == 0 or torch.compiler.is_compiling():
         return
     u = vals.double().masked_fill(idx < 0, float("-inf"))
-    if bool(torch.isnan(u).any()):
-        raise ValueError("teacher_topk_values must not contain NaN")
     lse = torch.logsumexp(u, -1)
-    if bool((lse > _LOGPROB_SLACK).any()):
-        worst = lse.max().exp().item()
+    if labels is not None:
+        lse = torch.where(labels == ignore_index, float("-inf"), lse)
+    too_big = lse > _LOGPROB_SLACK  # (NaN compares False)
+    if bool(too_big.any()):
+        worst = lse[too_big].max().exp().item()
         raise ValueError(
             "teacher_topk_values with values='logprobs' must be log-probabilities over the "
             f"full vocabulary (Σ exp(values) <= 1 per row); found a row summing to {worst:.4g}. "
@@ -163,7 +165,7 @@ def topk_kd_loss(
         normalizer=normalizer)
     _check_indices(idx, v)
     if values == "logprobs":
-        _check_logprobs(vals, idx)
+        _check_logprobs(vals, idx, labels, ignore_index)
     be = TOPK_KD_FWD.resolve(backend, device)
     # jsd's endpoints are the plain KLs (TRL), so kernels never see log 0 weights
     code = {"forward_kl": Div.FWD_KL, "reverse_kl": Div.REV_KL, "jsd": Div.JSD}[divergence]

@@ -89,10 +89,18 @@ def topk_kd_fwd_torch(s, scale, loss_out, grad_out, labels, idx, vals, code: int
         if not logprobs:
             u = u * inv_temp
         u = u.masked_fill(pad, _NEG_INF)
+        # the policy (docs/spec.md): NaN / +inf among the logits the loss reads, or a side
+        # without any finite entry (where it must be normalised), makes the row's loss NaN
+        entries = (~pad).any(1)
+        u_max = u.amax(1)
+        bad = torch.isnan(u_max) | (u_max == math.inf)
+        if not bucket:
+            bad |= entries & (u_max == -math.inf)
         if bucket:
             a = s[r0:r1].to(f64, copy=True)  # becomes the tail in place
             if inv_temp != 1.0:
                 a.mul_(inv_temp)
+            bad |= ~torch.isfinite(a.amax(1))
             a_sel = a.gather(1, ix).masked_fill_(pad, _NEG_INF)
             # mask the selected classes out of `a`: padding slots repeat the row's first
             # selected class (same -inf write); an all-padding row rewrites a[0] unchanged
@@ -111,10 +119,12 @@ def topk_kd_fwd_torch(s, scale, loss_out, grad_out, labels, idx, vals, code: int
             lp = torch.cat([u, lp_tail.masked_fill(full, _NEG_INF)], 1)
         else:
             a_sel = s[r0:r1].gather(1, ix).to(f64) * inv_temp
+            a_max = a_sel.masked_fill(pad, _NEG_INF).amax(1)
+            bad |= torch.isnan(a_max) | (a_max == math.inf) | (entries & (a_max == -math.inf))
             lq = _log_normalize(a_sel.masked_fill(pad, _NEG_INF))
             lp = _log_normalize(u)
         d, h = _div_terms(code, beta, lp, lq)
-        loss = d.sum(1)
+        loss = torch.where(bad, torch.nan, d.sum(1).clamp_min(0.0))
         valid = None
         if labels is not None:
             valid = labels[r0:r1] != ignore_index
@@ -123,7 +133,7 @@ def topk_kd_fwd_torch(s, scale, loss_out, grad_out, labels, idx, vals, code: int
         if not want_grad:
             continue
         r = h - lq.exp() * h.sum(1, keepdim=True)  # ∂D/∂(log q_e)
-        r = r * (scale64 * inv_temp)
+        r = torch.where(bad.unsqueeze(1), torch.nan, r * (scale64 * inv_temp))
         if valid is not None:  # a fill, not a product: ignored rows stay 0 even if inf/NaN
             r = torch.where(valid.unsqueeze(1), r, 0.0)
         if bucket:
@@ -134,5 +144,7 @@ def topk_kd_fwd_torch(s, scale, loss_out, grad_out, labels, idx, vals, code: int
             grad_out[r0:r1] = g
         else:
             blk = grad_out[r0:r1]
-            blk.zero_()
+            # zero (a NaN row for a bad one: the whole row, not only its k entries)
+            fill = torch.where(bad & (valid if valid is not None else True), torch.nan, 0.0)
+            blk.copy_(fill.to(blk.dtype).unsqueeze(1).expand_as(blk))
             blk.scatter_add_(1, ix, r.masked_fill(pad, 0.0).to(blk.dtype))

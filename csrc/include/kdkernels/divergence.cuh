@@ -1,4 +1,4 @@
-// Element terms of the softmax-KL family (SPEC §1), shared by every kd kernel.
+// Element terms of the softmax-KL family (docs/spec.md §1), shared by every kd kernel.
 //
 // With a = s/τ, b = t/τ, q = softmax(a), p = softmax(b), each divergence that needs
 // normalised distributions is a sum of per-column terms d_v, and its derivative is

@@ -1,4 +1,4 @@
-// The kd_loss kernel (SPEC §1): per-row loss and, in the same launch, the gradient
+// The kd_loss kernel (docs/spec.md §1): per-row loss and, in the same launch, the gradient
 // w.r.t. the student logits. Same algorithm and contract as kdkernels/kd/triton.py.
 //
 // Notation: a = s/τ, b = t/τ, q = softmax(a), p = softmax(b), M_a = max a at the pivot
@@ -12,10 +12,12 @@
 //            (divergence.cuh) with the final normalisers; ḡ = q_{j*} g_{j*} + G'.
 //   stage 3  the gradient, written once in the input dtype:
 //            ∂L/∂s_j = scale·[soft_w/τ·∂D/∂a_j + hard_w·(softmax(s)_j − [j = y])],
-//            ∂D/∂a_j = q_j (g_j − ḡ) for j ≠ j* and q_{j*}((1 − q_{j*}) g_{j*} − G') at
-//            the pivot, with 1 − q_{j*} = Z' q_{j*} (no cancellation when q is one-hot);
-//            forward KL: q − p; TAID: q − r. CE'(y) at the pivot (τ = 1) is −Z' q_{j*}.
-//   loss     L = soft_w·D + hard_w·(lse(s) − s_y); 0 and a zero gradient at ignored rows.
+//            ∂D/∂a_j = q_j (g_j − ḡ); forward KL: q − p; TAID: q − r. The pivot's entry
+//            is written last as minus the sum of the others (the row sums to 0), so
+//            no 1 − 1 cancels there when q, p or softmax(s) is one-hot.
+//   loss     L = soft_w·max(D, 0) + hard_w·(lse(s) − s_y); 0 and a zero gradient at
+//            ignored rows; NaN (loss and gradient row) for a row with a NaN or +inf
+//            logit, or without any finite one.
 //
 // Where the columns live (KdPlan, chosen on the host):
 //   stream   one block per row reads the row from global memory in every stage
@@ -56,19 +58,26 @@ struct RowStats {
     PivotMax a;  // student a = s/τ, with its pivot
     SumExp b;    // teacher b = t/τ (TAID: the mix c); .a accumulates the forward-KL sum
     SumExp x;    // untempered student s (hard-label CE when τ != 1)
+    int nf;      // NaN / +inf logits seen: the row has no softmax (its loss is NaN)
 
     __device__ __forceinline__ static RowStats identity() {
-        return {PivotMax::identity(), SumExp::identity(), SumExp::identity()};
+        return {PivotMax::identity(), SumExp::identity(), SumExp::identity(), 0};
     }
 };
 __device__ __forceinline__ RowStats shfl_xor(const RowStats& s, int o) {
-    return {shfl_xor(s.a, o), shfl_xor(s.b, o), shfl_xor(s.x, o)};
+    return {shfl_xor(s.a, o), shfl_xor(s.b, o), shfl_xor(s.x, o), shfl_xor(s.nf, o)};
 }
 struct MergeRowStats {
     __device__ __forceinline__ RowStats operator()(const RowStats& x, const RowStats& y) const {
-        return {merge(x.a, y.a), merge(x.b, y.b), merge(x.x, y.x)};
+        return {merge(x.a, y.a), merge(x.b, y.b), merge(x.x, y.x), x.nf + y.nf};
     }
 };
+struct AddFloat {
+    __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+
+// NaN or +inf (a -inf logit is a mask, not an error).
+__device__ __forceinline__ int nonfinite(float x) { return (x != x) || (x == KDK_INF); }
 
 // Combine one block-reduced state per cluster rank (csize > 1, sm_90 only). Every block
 // reads all ranks' `part` through DSMEM in rank order, so all blocks get the same total.
@@ -133,8 +142,10 @@ __global__ void __launch_bounds__(kKdThreads, kKdMinBlocks)
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ RowStats red_stats[kWarp];
     __shared__ Sum3 red_sum3[kWarp];
+    __shared__ float red_rest[kWarp];
     __shared__ RowStats part1, total1;
     __shared__ Sum3 part2, total2;
+    __shared__ float part3, total3;
 
     const int64_t row = row0 + blockIdx.x / csize;
     const int rank = static_cast<int>(blockIdx.x % csize);
@@ -188,6 +199,7 @@ __global__ void __launch_bounds__(kKdThreads, kKdMinBlocks)
     RowStats st = RowStats::identity();
     for_each_col<T, NEED_T>(src_s, src_t, n, vec, [&](int i, float xs, float xt) {
         const float a = xs * inv_temp;
+        st.nf += nonfinite(xs) + (NEED_T ? nonfinite(xt) : 0);
         st.a.update(a, c0 + i);
         if constexpr (NEED_B) {
             const float b = xt * inv_temp;
@@ -202,6 +214,9 @@ __global__ void __launch_bounds__(kKdThreads, kKdMinBlocks)
     st = block_reduce(st, RowStats::identity(), MergeRowStats{}, red_stats);
     if (csize > 1) st = cluster_combine(st, MergeRowStats{}, &part1, &total1, csize);
 
+    // no softmax: a NaN or +inf logit, or every entry -inf (student, teacher or mix)
+    const bool bad = st.nf > 0 || st.a.m == KDK_NEG_INF || (NEED_T && st.b.m == KDK_NEG_INF);
+    const float nan = __int_as_float(0x7fffffff);
     const float m_a = safe_max(st.a.m);
     const float zp = st.a.z;
     const int piv = st.a.p;
@@ -218,32 +233,43 @@ __global__ void __launch_bounds__(kKdThreads, kKdMinBlocks)
 
     // ---- stage 2: divergences that need the normalised distributions
     float g_bar = 0.0f;
-    float g_pivot = 0.0f;
     if constexpr (!ONLINE) {
-        Sum3 acc = {0.0f, 0.0f, 0.0f};  // (D, G', g_{j*})
+        // (D, G', g_{j*}); tvd: (D without the pivot, G', Σ_{v≠j*} p_v)
+        Sum3 acc = {0.0f, 0.0f, 0.0f};
         for_each_col<T, true>(src_s, src_t, n, vec, [&](int i, float xs, float xt) {
             const float la = xs * inv_temp - m_a;
             const float lb = xt * inv_temp - m_b;
             const float logq = la - c_a;
             const Terms e = pair_terms<DIV>(logq, lb - c_b, la - lb, w, p.log_w, p.log_1mw);
-            acc.x += e.d;
             if (c0 + i == piv) {
-                acc.z += e.g;
+                if constexpr (DIV != kTvd) {
+                    acc.x += e.d;
+                    acc.z += e.g;
+                }
             } else {
+                acc.x += e.d;
                 acc.y += expf(logq) * e.g;
+                if constexpr (DIV == kTvd) acc.z += expf(lb - c_b);
             }
         });
         acc = block_reduce(acc, Sum3{0.0f, 0.0f, 0.0f}, AddSum3{}, red_sum3);
         if (csize > 1) acc = cluster_combine(acc, AddSum3{}, &part2, &total2, csize);
         d_row = acc.x;
-        g_bar = q_piv * acc.z + acc.y;
-        g_pivot = q_piv * (zp * q_piv * acc.z - acc.y);
+        float g_piv = acc.z;
+        if constexpr (DIV == kTvd) {
+            // the pivot's p − q as Σ_{v≠j*} q − Σ_{v≠j*} p (both peak at j*: 1 − 1)
+            const float diff = zp * q_piv - acc.z;
+            d_row += 0.5f * fabsf(diff);
+            g_piv = diff > 0.0f ? -0.5f : (diff < 0.0f ? 0.5f : 0.0f);
+        }
+        g_bar = q_piv * g_piv + acc.y;
     }
 
     if (rank == 0 && threadIdx.x == 0) {
-        float loss = p.soft_w * d_row;
+        // every divergence is >= 0: rounding may not make it negative (NaN stays NaN)
+        float loss = p.soft_w * (d_row < 0.0f ? 0.0f : d_row);
         if (p.hard) loss += p.hard_w * (c_x - (x_y - m_x));
-        p.loss[row] = loss;
+        p.loss[row] = bad ? nan : loss;
     }
 
     // ---- stage 3: the gradient w.r.t. the student logits
@@ -252,8 +278,10 @@ __global__ void __launch_bounds__(kKdThreads, kKdMinBlocks)
         const float c_soft = p.soft_w * inv_temp * sc;
         const float c_hard = p.hard_w * sc;
         const bool hard = p.hard;
-        const bool tempered = p.tempered;
-        const float ce_piv = -zp * q_piv;
+        // Every term of the gradient sums to 0 over the row (softmax Jacobians), so the
+        // pivot's entry, where q (and p, softmax(s)) may round to 1 and q − p or
+        // softmax_y − 1 to 1 − 1, is rewritten at the end as minus the sum of the others.
+        float rest = 0.0f;
         T* out = g_row + c0;
         map_cols<T, NEED_T>(src_s, src_t, out, n, vec && aligned16(out),
                             [&](int i, float xs, float xt) -> float {
@@ -270,17 +298,20 @@ __global__ void __launch_bounds__(kKdThreads, kKdMinBlocks)
             } else if constexpr (!ONLINE) {
                 const float lb = xt * inv_temp - m_b;
                 const Terms e = pair_terms<DIV>(logq, lb - c_b, la - lb, w, p.log_w, p.log_1mw);
-                g = (j == piv) ? g_pivot : q * (e.g - g_bar);
+                g = q * (e.g - g_bar);
             }
             g *= c_soft;
             if (hard) {
                 const float sm = expf((xs - m_x) - c_x);
-                float ce = (j == y) ? sm - 1.0f : sm;
-                if (!tempered && j == y && j == piv) ce = ce_piv;
-                g += c_hard * ce;
+                g += c_hard * ((j == y) ? sm - 1.0f : sm);
             }
-            return g;
+            if (j != piv) rest += g;
+            return bad ? nan : g;
         });
+        rest = block_reduce(rest, 0.0f, AddFloat{}, red_rest);
+        if (csize > 1) rest = cluster_combine(rest, AddFloat{}, &part3, &total3, csize);
+        // the barrier inside the reductions orders this store after map_cols' store of it
+        if (threadIdx.x == 0 && piv >= c0 && piv < c0 + n) g_row[piv] = from_float<T>(bad ? nan : -rest);
         zero_cols(g_row, p.v, p.v_g, rank, csize);
     }
     // Peers may still read this block's part1/part2: leave together.
