@@ -47,6 +47,13 @@ def loss_scale(reduction: str, labels, n_rows: int, normalizer, ignore_index: in
     return torch.full((), 1.0 / normalizer, **opts)
 
 
+def row_policy(loss, bad, valid):
+    """Per-row losses [R] under the non-finite policy (docs/spec.md): NaN where the row has
+    no softmax (`bad`), 0 at ignored rows (`valid` False, or None: every row counts)."""
+    loss = torch.where(bad, torch.nan, loss)
+    return loss if valid is None else torch.where(valid, loss, 0.0)
+
+
 def reduce_rows(loss: torch.Tensor, scale: torch.Tensor, reduction: str) -> torch.Tensor:
     """Per-row losses [N] -> 'none' (as is), 'sum', or 'mean' (the sum times scale)."""
     if reduction == "none":

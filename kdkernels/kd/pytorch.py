@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .._core.chunking import chunk_rows
+from .._core.rowgrad import row_policy
 from .params import FWD_KL, JSD, REV_KL, SKEW_FWD, SKEW_REV, TAID, TVD, ZERO, KDParams
 
 
@@ -193,10 +194,7 @@ def kd_fwd_torch(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int)
             del b
             # every divergence here is >= 0: rounding may not make it negative (NaN stays)
             loss.add_(d_row.clamp_min(0.0), alpha=prm.soft_w)
-        loss = torch.where(bad, torch.nan, loss)
-        if valid is not None:
-            loss = torch.where(valid, loss, 0.0)
-        loss_out[r0:r1] = loss.float()
+        loss_out[r0:r1] = row_policy(loss, bad, valid)
         if not want_grad:
             continue
         # ∂L/∂s = scale·[soft_w/τ·∂D/∂a + hard_w·(softmax(s) − onehot(y))], written into

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from .._core.chunking import chunk_rows
+from .._core.rowgrad import row_policy
 from ..select.ops import TOPK
 
 _NEG_INF = float("-inf")
@@ -92,10 +93,7 @@ def pld_fwd_torch(s, scale, loss_out, grad_out, labels, t, inv_temp: float, top_
             lse = torch.logaddexp(lse, torch.logsumexp(x, 1, keepdim=True))
         has_w = w > 0  # 0 · (LSE − s) = 0 even where both are -inf
         loss = torch.where(has_w, w * (lse - xs), 0.0).sum(1).clamp_min(0.0)
-        loss = torch.where(bad, torch.nan, loss)
-        if valid is not None:
-            loss = torch.where(valid, loss, 0.0)
-        loss_out[r0:r1] = loss.float()
+        loss_out[r0:r1] = row_policy(loss, bad, valid)
         if not want_grad:
             continue
         c = torch.logcumsumexp(torch.where(has_w, logw - lse, _NEG_INF), 1)

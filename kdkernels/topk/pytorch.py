@@ -35,6 +35,7 @@ import torch
 
 from .._core.chunking import chunk_rows
 from .._core.codes import Div
+from .._core.rowgrad import row_policy
 
 _NEG_INF = float("-inf")
 
@@ -124,12 +125,8 @@ def topk_kd_fwd_torch(s, scale, loss_out, grad_out, labels, idx, vals, code: int
             lq = _log_normalize(a_sel.masked_fill(pad, _NEG_INF))
             lp = _log_normalize(u)
         d, h = _div_terms(code, beta, lp, lq)
-        loss = torch.where(bad, torch.nan, d.sum(1).clamp_min(0.0))
-        valid = None
-        if labels is not None:
-            valid = labels[r0:r1] != ignore_index
-            loss = torch.where(valid, loss, 0.0)
-        loss_out[r0:r1] = loss.float()
+        valid = labels[r0:r1] != ignore_index if labels is not None else None
+        loss_out[r0:r1] = row_policy(d.sum(1).clamp_min(0.0), bad, valid)
         if not want_grad:
             continue
         r = h - lq.exp() * h.sum(1, keepdim=True)  # ∂D/∂(log q_e)
