@@ -2,7 +2,7 @@
 
 CPU: the `torch` backend and the chunked path with the Triton divergence and softcap
 kernels (under TRITON_INTERPRET=1, set by conftest.py), tiny shapes. GPU tests (skipped
-without one) run the issue's bf16 shape N=8192, H=4096, V=128256 against a float64
+without one) run the target bf16 shape N=8192, H=4096, V=128256 against a float64
 reference computed chunk by chunk.
 """
 
@@ -364,7 +364,7 @@ def test_bad_input_raises_before_any_kernel(over, exc, match, monkeypatch):
 
 def _chunked_reference(c, compute_dtype, rows=512, **kw):
     """The oracle row chunk by row chunk (reduction='sum' per chunk, then the mean), so the
-    N x V logits of the issue's shape never exist at once; gradients summed in float64."""
+    N x V logits of the target shape never exist at once; gradients summed in float64."""
     n = c["hs"].shape[0]
     leaf = {k: c[k].to(compute_dtype).detach().requires_grad_() for k in ("ws", "bs")}
     wt, bt = c["wt"].to(compute_dtype), c["bt"].to(compute_dtype)
@@ -390,7 +390,7 @@ def _chunked_reference(c, compute_dtype, rows=512, **kw):
 @requires_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_gpu_issue_shape_bf16(backend):
+def test_gpu_target_shape_bf16(backend):
     """N=8192, H=4096, V=128256, bf16: within twice PyTorch's own bf16 error of float64,
     and the peak memory above inputs and returned gradients within the documented formula
     (float32 weight accumulator + chunk buffers), far below the unfused path's."""
