@@ -24,7 +24,7 @@ shift || true
 case "$what" in
     tests)
         python3 -m pytest -q -x -p no:cacheprovider \
-            tests/test_kd_gpu.py tests/test_cuda_build.py tests/test_cuda_kd.py \
+            tests/test_dispatch.py tests/test_kd_gpu.py tests/test_cuda_build.py tests/test_cuda_kd.py \
             tests/test_topk_select.py tests/test_fused_linear.py tests/test_bench_harness.py \
             "$@" 2>&1 | tee "$OUT/tests.log" | tail -25
         ;;
