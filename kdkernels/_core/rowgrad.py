@@ -1,6 +1,7 @@
 """The autograd pattern shared by the row losses (kd, PLD, top-k KD).
 
-Each row loss has one launcher, a custom op `launch(s, scale, loss, grad, backend, *args)`
+Each row loss has one launcher, a custom op
+`launch(s, scale, loss, grad, backend, labels, *args)`
 that writes the per-row losses into loss[N] (float32) and, when grad is non-empty, the
 gradient of Σ_n scale·L_n w.r.t. the student rows s[N, V] into grad (in s's dtype).
 
@@ -21,6 +22,7 @@ import torch
 from .backend import Dispatch, Impl
 from .chunking import row_blocks
 from .customop import custom_op
+from .validate import compute_dtype
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +97,7 @@ def scale_rows_torch(grad: torch.Tensor, scale: torch.Tensor) -> None:
         if scale.device.type != "cpu" or float(scale) != 1.0:
             grad.mul_(scale)
         return
-    wide = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    wide = compute_dtype(grad)
     for r0, r1 in row_blocks(grad.shape[0], grad.shape[1]):
         blk = grad[r0:r1]
         blk.copy_(blk.to(wide) * scale[r0:r1].to(wide).unsqueeze(-1))
@@ -156,8 +158,8 @@ def row_loss(function, launch, student, labels, *args, reduction: str, normalize
     lead = student.shape[:-1]
     s = as_rows(student)
     y = labels.reshape(-1) if labels is not None else None
-    wide = torch.float64 if s.dtype == torch.float64 else torch.float32
-    scale = loss_scale(reduction, y, s.shape[0], normalizer, ignore_index, s.device, wide)
+    scale = loss_scale(reduction, y, s.shape[0], normalizer, ignore_index, s.device,
+                       compute_dtype(s))
     if torch.is_grad_enabled() and s.requires_grad:
         out = function.apply(s, scale, reduction, backend, y, *args)
     else:

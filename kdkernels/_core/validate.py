@@ -21,6 +21,11 @@ def _compiling() -> bool:
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype arithmetic on `x` runs in: float64 for float64, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 Reduction = Literal["none", "sum", "mean"]
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 

@@ -29,6 +29,7 @@ from .._core.validate import (
     check_int,
     check_number,
     check_same_device,
+    compute_dtype,
 )
 from ..kd.function import VocabMismatch, prepare_kd_args
 from ..kd.params import ZERO, Divergence, KDParams
@@ -74,7 +75,7 @@ def _grad_buffers(hs, ws, bs, need, v, in_weight_dtype=False):
     if in_weight_dtype:
         acc_dt = ws.dtype
     else:
-        acc_dt = torch.float64 if ws.dtype == torch.float64 else torch.float32
+        acc_dt = compute_dtype(ws)
     gh = torch.empty_like(hs) if need_h else empty
     gw = torch.zeros(ws.shape, dtype=acc_dt, device=ws.device) if need_w else None
     gb = torch.zeros(bs.shape, dtype=acc_dt, device=bs.device) if need_b else None
@@ -264,8 +265,7 @@ def fused_linear_kd_loss(
     wt, bt = wt.detach(), teacher_bias.detach() if teacher_bias is not None else None
     y = labels.reshape(-1).contiguous() if labels is not None else None
     n = hs2.shape[0]
-    wide = torch.float64 if ws.dtype == torch.float64 else torch.float32
-    scale = loss_scale(reduction, y, n, normalizer, prm.ignore_index, device, wide)
+    scale = loss_scale(reduction, y, n, normalizer, prm.ignore_index, device, compute_dtype(ws))
     check_choice("weight_grad_accumulation", weight_grad_accumulation, ("float32", "weight"))
     cfg = FusedConfig(prm, v, reduction, be, chunk, s_cap, s_mult, t_cap, t_mult,
                       weight_grad_accumulation == "weight")

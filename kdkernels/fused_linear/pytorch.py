@@ -8,10 +8,7 @@ from __future__ import annotations
 import torch
 
 from .._core.chunking import row_blocks
-
-
-def _cdt(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .._core.validate import compute_dtype
 
 
 def _sech2_torch(u: torch.Tensor) -> torch.Tensor:
@@ -22,7 +19,7 @@ def _sech2_torch(u: torch.Tensor) -> torch.Tensor:
 def softcap_fwd_torch(u: torch.Tensor, out: torch.Tensor, cap: float) -> None:
     """out[M, V] = cap·tanh(u[M, V]), computed in float32 (float64 for float64)."""
     for r0, r1 in row_blocks(u.shape[0], u.shape[1]):
-        out[r0:r1] = torch.tanh(u[r0:r1].to(_cdt(u))) * cap
+        out[r0:r1] = torch.tanh(u[r0:r1].to(compute_dtype(u))) * cap
 
 
 def softcap_bwd_torch(g: torch.Tensor, u, k: float, row_scale) -> None:
@@ -30,9 +27,9 @@ def softcap_bwd_torch(g: torch.Tensor, u, k: float, row_scale) -> None:
     if u is None and row_scale is None:
         return
     for r0, r1 in row_blocks(g.shape[0], g.shape[1]):
-        x = g[r0:r1].to(_cdt(g))
+        x = g[r0:r1].to(compute_dtype(g))
         if u is not None:
-            x = x * (k * _sech2_torch(u[r0:r1].to(_cdt(g))))
+            x = x * (k * _sech2_torch(u[r0:r1].to(compute_dtype(g))))
         if row_scale is not None:
             x = x * row_scale[r0:r1].to(x.dtype).unsqueeze(-1)
         g[r0:r1] = x

@@ -48,11 +48,8 @@ import torch.nn.functional as F
 
 from .._core.chunking import chunk_rows
 from .._core.rowgrad import refuse_double_backward
+from .._core.validate import compute_dtype
 from ..select.pytorch import top_indices
-
-
-def _compute_dtype(x: torch.Tensor):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _rows_ok(z, row_ok, r0: int, r1: int):
@@ -125,7 +122,7 @@ def _strengths(z, k: int, inv_temp: float, valid, masked: bool):
     the rows are read as they are, without a zeroing pass).
     """
     g, t_len, v = z.shape
-    cdt = _compute_dtype(z)
+    cdt = compute_dtype(z)
     zz = z.reshape(g * t_len, v)
     zz = zz if zz.stride(-1) == 1 else zz.contiguous()
     row_ok = valid.reshape(-1) if masked else None
@@ -187,7 +184,7 @@ def gw_sorted_cost(x, y, n):
 def topk_logit_graph_torch(z, k: int, inv_temp: float, valid):
     """(nodes [n] int64 ascending, adjacency [n, n]) of one group z [T, V] (unit column
     stride); valid: [T] bool or None."""
-    cdt = _compute_dtype(z)
+    cdt = compute_dtype(z)
     vals, idx = TopkSoftmaxFunction.apply(z, k, inv_temp, cdt, valid)
     if valid is not None:
         vals, idx = vals[valid], idx[valid]

@@ -21,8 +21,9 @@ q_{j*}(g_{j*} − ḡ) cancels catastrophically in float32. Every term of the gr
 0 over the row (softmax Jacobians), so the "pivot" j*'s entry is written as minus the sum
 of the others, which carry no cancellation: this also covers forward KL's and TAID's
 q − p and the hard label's softmax_y − 1, which are 1 − 1 at the pivot when student and
-teacher peak at the same class. tvd takes its pivot term p − q as
-Σ_{v≠j*} q − Σ_{v≠j*} p for the same reason. Logs come from
+teacher peak at the same class (forward KL and TAID, whose other terms need no pivot,
+find it on the CPU only in rows with an entry near 1: _near_one_hot_pivots). tvd takes its
+pivot term p − q as Σ_{v≠j*} q − Σ_{v≠j*} p for the same reason. Logs come from
 log_softmax, which computes (a − max) − log Σ e^{a − max} and so never rounds a large
 lse. The Triton and CUDA kernels do the same (the pivot's entry last).
 """
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 
 from .._core.chunking import chunk_rows
 from .._core.rowgrad import row_policy
+from .._core.validate import compute_dtype
 from .params import FWD_KL, JSD, REV_KL, SKEW_FWD, SKEW_REV, TAID, TVD, ZERO, KDParams
 
 
@@ -137,7 +139,7 @@ def kd_fwd_torch(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int)
     before its gradient is written.
     """
     n = s.shape[0]
-    cdt = torch.float64 if s.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(s)
     want_grad = grad_out.numel() > 0
     rows = chunk_rows(v)
     # A CPU scale is read once (free); on a GPU it stays a tensor (no host sync).

@@ -14,6 +14,7 @@ from .._core.validate import (
     check_int,
     check_number,
     check_same_device,
+    compute_dtype,
 )
 from .ops import SINKHORN, SINKHORN_LOSS
 
@@ -22,10 +23,6 @@ SinkhornGrad = Literal["unrolled", "envelope"]
 COSTS: tuple[str, ...] = get_args(SinkhornCost)
 GRADS: tuple[str, ...] = get_args(SinkhornGrad)
 
-
-
-def _compute_dtype(x: torch.Tensor):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _log_marginal(name, w, lead, size, cdt, device):
@@ -115,7 +112,7 @@ def sinkhorn(
     *lead, b1, b2 = cost.shape
     if b1 < 1 or b2 < 1:
         raise ValueError(f"cost must have non-empty last two dimensions, got {tuple(cost.shape)}")
-    cdt = _compute_dtype(cost)
+    cdt = compute_dtype(cost)
     log_a = _log_marginal("a", a, lead, b1, cdt, device)
     log_b = _log_marginal("b", b, lead, b2, cdt, device)
     _check_equal_mass(a, b)
@@ -183,4 +180,4 @@ def sinkhorn_loss(
     t2 = t.detach()
     t2 = (t2 if t2.is_contiguous() else t2.contiguous()).reshape(-1, v)
     return SINKHORN_LOSS(be, s2, t2, bsz, 1.0 / temperature, cost, epsilon, n_iters, grad,
-                         _compute_dtype(s))
+                         compute_dtype(s))
