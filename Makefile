@@ -8,6 +8,9 @@ STAMP  := $(VENV)/.kdkernels-installed
 TORCH_SPEC ?= torch==2.13.0
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
+# The GPU machine's Triton, installed beside the venv's own (not imported by it): the
+# tests compile every Triton kernel with both (tests/test_triton_compile.py).
+TRITON_COMPAT ?= 3.6.0
 
 .PHONY: setup test lint bench clean
 
@@ -17,6 +20,8 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e ".[test,bench]"
+	$(BIN)/pip install -q --no-deps --target $(VENV)/triton-$(TRITON_COMPAT) triton==$(TRITON_COMPAT) \
+		|| echo "warning: triton $(TRITON_COMPAT) not installed; its compile check will skip"
 	touch $(STAMP)
 
 lint: setup

@@ -8,6 +8,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -102,6 +103,38 @@ py::dict plan_dict(const kdk::KdPlan& plan) {
     return d;
 }
 
+py::dict topk_kd_plan_dict(const kdk::TopkKdPlan& plan) {
+    py::dict d;
+    d["path"] = plan.path == kdk::kSmem ? "smem" : "stream";
+    d["threads"] = plan.threads;
+    d["bitmap_words"] = plan.bitmap_words;
+    d["entries"] = plan.entries;
+    d["smem_bytes"] = plan.smem_bytes;
+    return d;
+}
+
+kdk::SinkhornArgs sinkhorn_args(std::uintptr_t cost, std::uintptr_t log_a, std::uintptr_t log_b,
+                                std::uintptr_t rh, std::uintptr_t lh, int64_t m, int64_t b1,
+                                int64_t b2, int64_t n_iters, int64_t n_slots, double epsilon,
+                                std::uintptr_t iters, bool is_double, bool fused) {
+    kdk::SinkhornArgs a{};
+    a.cost = ptr<const void*>(cost);
+    a.log_a = ptr<const void*>(log_a);
+    a.log_b = ptr<const void*>(log_b);
+    a.rh = ptr<void*>(rh);
+    a.lh = ptr<void*>(lh);
+    a.iters = ptr<int*>(iters);
+    a.m = m;
+    a.b1 = b1;
+    a.b2 = b2;
+    a.n_iters = n_iters;
+    a.n_slots = n_slots;
+    a.epsilon = epsilon;
+    a.is_double = is_double;
+    a.fused = fused;
+    return a;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(kdkernels_cuda, m) {
@@ -115,6 +148,8 @@ PYBIND11_MODULE(kdkernels_cuda, m) {
         d["source_hash"] = std::string(KDK_STR(KDK_SOURCE_HASH));
         d["cudart_version"] = CUDART_VERSION;
         d["max_topk"] = kdk::kTopkMaxK;
+        d["pld_smem_k"] = kdk::kPldSmemK;
+        d["sinkhorn_segment"] = kdk::kSinkhornSegment;
         return d;
     });
     m.def("device_available", []() { return device_problem().empty(); },
@@ -240,4 +275,259 @@ PYBIND11_MODULE(kdkernels_cuda, m) {
         py::arg("dtype"), py::arg("values"), py::arg("indices"), py::arg("device"),
         py::arg("stream"),
         "Per row: the k largest of x[n, :v], sorted descending, ties by lower index.");
+
+    m.def(
+        "pld_fwd",
+        [](std::uintptr_t s, std::uintptr_t t, std::uintptr_t rank, int64_t stride_r,
+           std::uintptr_t thr, std::uintptr_t labels, bool labels_i64, int64_t stride_l,
+           std::uintptr_t scale, std::uintptr_t loss, std::uintptr_t grad, std::uintptr_t scratch,
+           int64_t stride_x, int64_t n_rows, int64_t v, int64_t k, int64_t stride_s,
+           int64_t stride_t, int64_t stride_g, int dtype, float inv_temp, int64_t ignore_index,
+           bool compute_grad, int device, std::uintptr_t stream) {
+            DeviceScope scope(device);
+            kdk::PldFwdArgs a{};
+            a.s = ptr<const void*>(s);
+            a.t = ptr<const void*>(t);
+            a.rank = ptr<const int64_t*>(rank);
+            a.thr = ptr<const int64_t*>(thr);
+            a.labels = ptr<const void*>(labels);
+            a.scale = ptr<const float*>(scale);
+            a.loss = ptr<float*>(loss);
+            a.grad = ptr<void*>(grad);
+            a.scratch = ptr<float*>(scratch);
+            a.n_rows = n_rows;
+            a.v = v;
+            a.k = k;
+            a.stride_s = stride_s;
+            a.stride_t = stride_t;
+            a.stride_g = stride_g;
+            a.stride_r = stride_r;
+            a.stride_l = stride_l;
+            a.stride_x = stride_x;
+            a.ignore_index = ignore_index;
+            a.inv_temp = inv_temp;
+            a.dtype = dtype;
+            a.has_labels = labels != 0;
+            a.labels_i64 = labels_i64;
+            a.compute_grad = compute_grad;
+            kdk::pld_fwd(a, device, stream_of(stream));
+        },
+        py::arg("s"), py::arg("t"), py::arg("rank"), py::arg("stride_r"), py::arg("thr"),
+        py::arg("labels"), py::arg("labels_i64"), py::arg("stride_l"), py::arg("scale"),
+        py::arg("loss"), py::arg("grad"), py::arg("scratch"), py::arg("stride_x"),
+        py::arg("n_rows"), py::arg("v"), py::arg("k"), py::arg("stride_s"), py::arg("stride_t"),
+        py::arg("stride_g"), py::arg("dtype"), py::arg("inv_temp"), py::arg("ignore_index"),
+        py::arg("compute_grad"), py::arg("device"), py::arg("stream"),
+        "plackett_luce_loss rows given their ranking: loss[n] and (compute_grad) grad[n, :v].");
+
+    m.def(
+        "topk_kd_plan",
+        [](int64_t v, int64_t k, int dtype, bool bucket, int device, int force_path) {
+            DeviceScope scope(device);
+            return topk_kd_plan_dict(kdk::topk_kd_plan(v, k, dtype, bucket, device, force_path));
+        },
+        py::arg("v"), py::arg("k"), py::arg("dtype"), py::arg("bucket"), py::arg("device"),
+        py::arg("force_path") = -1,
+        "How topk_kd rows would be processed: dict(path, threads, bitmap_words, entries, "
+        "smem_bytes).");
+
+    m.def(
+        "topk_kd_fwd",
+        [](std::uintptr_t s, int64_t stride_s, std::uintptr_t idx, int64_t stride_i,
+           std::uintptr_t vals, int64_t stride_u, std::uintptr_t labels, bool labels_i64,
+           int64_t stride_l, std::uintptr_t scale, std::uintptr_t loss, std::uintptr_t grad,
+           int64_t stride_g, int64_t n_rows, int64_t v, int64_t k, int dtype, int div, float beta,
+           float inv_temp, bool logprobs, bool bucket, int64_t ignore_index, bool compute_grad,
+           int device, std::uintptr_t stream, int force_path) {
+            DeviceScope scope(device);
+            kdk::TopkKdArgs a{};
+            a.s = ptr<const void*>(s);
+            a.idx = ptr<const int64_t*>(idx);
+            a.vals = ptr<const float*>(vals);
+            a.labels = ptr<const void*>(labels);
+            a.scale = ptr<const float*>(scale);
+            a.loss = ptr<float*>(loss);
+            a.grad = ptr<void*>(grad);
+            a.n_rows = n_rows;
+            a.v = v;
+            a.k = k;
+            a.stride_s = stride_s;
+            a.stride_i = stride_i;
+            a.stride_u = stride_u;
+            a.stride_g = stride_g;
+            a.stride_l = stride_l;
+            a.ignore_index = ignore_index;
+            a.inv_temp = inv_temp;
+            a.beta = beta;
+            const bool jsd = div == kdk::kJsd;
+            a.log_beta = jsd ? static_cast<float>(std::log(static_cast<double>(beta))) : 0.0f;
+            a.log_1mbeta = jsd ? static_cast<float>(std::log1p(-static_cast<double>(beta))) : 0.0f;
+            a.dtype = dtype;
+            a.div = div;
+            a.has_labels = labels != 0;
+            a.labels_i64 = labels_i64;
+            a.logprobs = logprobs;
+            a.bucket = bucket;
+            a.compute_grad = compute_grad;
+            const kdk::TopkKdPlan plan = kdk::topk_kd_plan(v, k, dtype, bucket, device, force_path);
+            kdk::topk_kd_fwd(a, plan, stream_of(stream));
+            return topk_kd_plan_dict(plan);
+        },
+        py::arg("s"), py::arg("stride_s"), py::arg("idx"), py::arg("stride_i"), py::arg("vals"),
+        py::arg("stride_u"), py::arg("labels"), py::arg("labels_i64"), py::arg("stride_l"),
+        py::arg("scale"), py::arg("loss"), py::arg("grad"), py::arg("stride_g"),
+        py::arg("n_rows"), py::arg("v"), py::arg("k"), py::arg("dtype"), py::arg("div"),
+        py::arg("beta"), py::arg("inv_temp"), py::arg("logprobs"), py::arg("bucket"),
+        py::arg("ignore_index"), py::arg("compute_grad"), py::arg("device"), py::arg("stream"),
+        py::arg("force_path") = -1,
+        "topk_kd_loss rows: loss[n] and (compute_grad) grad[n, :v]; returns the plan used.");
+    m.def(
+        "sinkhorn_plan",
+        [](int64_t b1, int64_t b2, bool is_double, int device) {
+            DeviceScope scope(device);
+            const kdk::SinkhornPlan plan = kdk::sinkhorn_plan(b1, b2, is_double, device);
+            py::dict d;
+            d["fused"] = plan.fused;
+            d["smem_bytes"] = plan.smem_bytes;
+            return d;
+        },
+        py::arg("b1"), py::arg("b2"), py::arg("is_double"), py::arg("device"),
+        "How the Sinkhorn solver runs problems of b1 x b2: dict(fused, smem_bytes).");
+
+    m.def("sinkhorn_slots", &kdk::sinkhorn_slots, py::arg("n_iters"), py::arg("use_tol"),
+          py::arg("history"), py::arg("fused"),
+          "History slots the Sinkhorn forward keeps (0: none; buffers hold at least 1).");
+
+    m.def(
+        "sinkhorn_fwd",
+        [](std::uintptr_t cost, std::uintptr_t log_a, std::uintptr_t log_b, std::uintptr_t rh,
+           std::uintptr_t lh, std::uintptr_t f, std::uintptr_t g, std::uintptr_t part,
+           std::uintptr_t iters, int64_t m, int64_t b1, int64_t b2, int64_t n_iters,
+           int64_t n_slots, double epsilon, bool use_tol, double tol, bool history,
+           bool is_double, bool fused, int device, std::uintptr_t stream) {
+            DeviceScope scope(device);
+            kdk::SinkhornArgs a = sinkhorn_args(cost, log_a, log_b, rh, lh, m, b1, b2, n_iters,
+                                                n_slots, epsilon, iters, is_double, fused);
+            a.f = ptr<void*>(f);
+            a.g = ptr<void*>(g);
+            a.part = ptr<void*>(part);
+            a.use_tol = use_tol;
+            a.tol = tol;
+            a.history = history;
+            kdk::sinkhorn_fwd(a, device, stream_of(stream));
+        },
+        py::arg("cost"), py::arg("log_a"), py::arg("log_b"), py::arg("rh"), py::arg("lh"),
+        py::arg("f"), py::arg("g"), py::arg("part"), py::arg("iters"), py::arg("m"),
+        py::arg("b1"), py::arg("b2"), py::arg("n_iters"), py::arg("n_slots"),
+        py::arg("epsilon"), py::arg("use_tol"), py::arg("tol"), py::arg("history"),
+        py::arg("is_double"), py::arg("fused"), py::arg("device"), py::arg("stream"),
+        "Sinkhorn forward: f, g, the (shift, log-sum) history and the iteration count.");
+
+    m.def(
+        "sinkhorn_bwd",
+        [](std::uintptr_t cost, std::uintptr_t log_a, std::uintptr_t log_b, std::uintptr_t rh,
+           std::uintptr_t lh, std::uintptr_t iters, std::uintptr_t grad_f, std::uintptr_t grad_g,
+           std::uintptr_t fb, std::uintptr_t gb, std::uintptr_t cbar, std::uintptr_t labar,
+           std::uintptr_t lbbar, int64_t m, int64_t b1, int64_t b2, int64_t n_iters,
+           double epsilon, bool is_double, bool fused, int device, std::uintptr_t stream) {
+            DeviceScope scope(device);
+            kdk::SinkhornArgs a = sinkhorn_args(cost, log_a, log_b, rh, lh, m, b1, b2, n_iters,
+                                                n_iters, epsilon, iters, is_double, fused);
+            a.grad_f = ptr<const void*>(grad_f);
+            a.grad_g = ptr<const void*>(grad_g);
+            a.fb = ptr<void*>(fb);
+            a.gb = ptr<void*>(gb);
+            a.cbar = ptr<void*>(cbar);
+            a.labar = ptr<void*>(labar);
+            a.lbbar = ptr<void*>(lbbar);
+            a.history = true;
+            kdk::sinkhorn_bwd(a, device, stream_of(stream));
+        },
+        py::arg("cost"), py::arg("log_a"), py::arg("log_b"), py::arg("rh"), py::arg("lh"),
+        py::arg("iters"), py::arg("grad_f"), py::arg("grad_g"), py::arg("fb"), py::arg("gb"),
+        py::arg("cbar"), py::arg("labar"), py::arg("lbbar"), py::arg("m"), py::arg("b1"),
+        py::arg("b2"), py::arg("n_iters"), py::arg("epsilon"), py::arg("is_double"),
+        py::arg("fused"), py::arg("device"), py::arg("stream"),
+        "Sinkhorn reverse pass of the iterations the forward ran: C-bar, log a-bar, log b-bar.");
+    m.def(
+        "graph_rows",
+        [](std::uintptr_t z, int64_t stride_z, std::uintptr_t valid, std::uintptr_t top_idx,
+           int64_t n_rows, int64_t v, int k, float inv_temp, int dtype, std::uintptr_t a,
+           std::uintptr_t idx, std::uintptr_t mass, std::uintptr_t lse, int device,
+           std::uintptr_t stream) {
+            DeviceScope scope(device);
+            kdk::graph_rows(ptr<const void*>(z), stride_z, ptr<const bool*>(valid),
+                            ptr<const int64_t*>(top_idx), n_rows, v, k, inv_temp, dtype,
+                            ptr<float*>(a), ptr<int*>(idx), ptr<float*>(mass), ptr<float*>(lse),
+                            stream_of(stream));
+        },
+        py::arg("z"), py::arg("stride_z"), py::arg("valid"), py::arg("top_idx"),
+        py::arg("n_rows"), py::arg("v"), py::arg("k"), py::arg("inv_temp"), py::arg("dtype"),
+        py::arg("a"), py::arg("idx"), py::arg("m"), py::arg("lse"), py::arg("device"),
+        py::arg("stream"), "Graph row stage: top-k softmax entries, classes, mass, LSE.");
+
+    m.def(
+        "graph_runs",
+        [](std::uintptr_t key, std::uintptr_t perm, std::uintptr_t a, std::uintptr_t mass,
+           std::uintptr_t du, std::uintptr_t nu, std::uintptr_t bad, std::uintptr_t uent,
+           int64_t groups, int64_t t_len, int k, double fix_scale, int device,
+           std::uintptr_t stream) {
+            DeviceScope scope(device);
+            kdk::graph_runs(ptr<const int*>(key), ptr<const int64_t*>(perm), ptr<const float*>(a),
+                            ptr<const float*>(mass), ptr<int64_t*>(du), ptr<int*>(nu),
+                            ptr<int*>(bad), ptr<int*>(uent), groups, t_len, k, fix_scale,
+                            stream_of(stream));
+        },
+        py::arg("key"), py::arg("perm"), py::arg("a"), py::arg("m"), py::arg("du"),
+        py::arg("nu"), py::arg("bad"), py::arg("uent"), py::arg("groups"), py::arg("t_len"),
+        py::arg("k"), py::arg("fix_scale"), py::arg("device"), py::arg("stream"),
+        "Graph strengths: fixed-point sums of each class run of the sorted entries.");
+
+    m.def(
+        "graph_gw",
+        [](std::uintptr_t sorted, std::uintptr_t order, std::uintptr_t nu, std::uintptr_t bad,
+           std::uintptr_t cost, std::uintptr_t gu, int64_t groups, int64_t p, double unfix,
+           int device, std::uintptr_t stream) {
+            DeviceScope scope(device);
+            kdk::graph_gw(ptr<const int64_t*>(sorted), ptr<const int64_t*>(order),
+                          ptr<const int*>(nu), ptr<const int*>(bad), ptr<double*>(cost),
+                          ptr<float*>(gu), groups, p, unfix, stream_of(stream));
+        },
+        py::arg("sorted"), py::arg("order"), py::arg("nu"), py::arg("bad"), py::arg("cost"),
+        py::arg("gu"), py::arg("groups"), py::arg("p"), py::arg("unfix"), py::arg("device"),
+        py::arg("stream"), "Graph 1-D GW cost per group (and its strength gradient).");
+
+    m.def(
+        "graph_finish",
+        [](std::uintptr_t cost, std::uintptr_t nu, std::uintptr_t loss, std::uintptr_t inv,
+           int64_t groups, int device, std::uintptr_t stream) {
+            DeviceScope scope(device);
+            kdk::graph_finish(ptr<const double*>(cost), ptr<const int*>(nu), ptr<float*>(loss),
+                              ptr<float*>(inv), groups, stream_of(stream));
+        },
+        py::arg("cost"), py::arg("nu"), py::arg("loss"), py::arg("inv"), py::arg("groups"),
+        py::arg("device"), py::arg("stream"), "Graph loss: mean over groups with a position.");
+
+    m.def(
+        "graph_rows_bwd",
+        [](std::uintptr_t z, int64_t stride_z, std::uintptr_t valid, std::uintptr_t a,
+           std::uintptr_t idx, std::uintptr_t mass, std::uintptr_t lse, std::uintptr_t abar,
+           std::uintptr_t uent, std::uintptr_t gu, std::uintptr_t scale, std::uintptr_t inv,
+           std::uintptr_t grad, int64_t stride_g, int64_t n_rows, int64_t v, int k,
+           int64_t t_len, float inv_temp, int dtype, int device, std::uintptr_t stream) {
+            DeviceScope scope(device);
+            kdk::graph_rows_bwd(ptr<const void*>(z), stride_z, ptr<const bool*>(valid),
+                                ptr<const float*>(a), ptr<const int*>(idx),
+                                ptr<const float*>(mass), ptr<const float*>(lse),
+                                ptr<const float*>(abar), ptr<const int*>(uent),
+                                ptr<const float*>(gu), ptr<const float*>(scale),
+                                ptr<const float*>(inv), ptr<void*>(grad), stride_g, n_rows, v, k,
+                                t_len, inv_temp, dtype, stream_of(stream));
+        },
+        py::arg("z"), py::arg("stride_z"), py::arg("valid"), py::arg("a"), py::arg("idx"),
+        py::arg("m"), py::arg("lse"), py::arg("abar"), py::arg("uent"), py::arg("gu"),
+        py::arg("scale"), py::arg("inv"), py::arg("grad"), py::arg("stride_g"),
+        py::arg("n_rows"), py::arg("v"), py::arg("k"), py::arg("t_len"), py::arg("inv_temp"),
+        py::arg("dtype"), py::arg("device"), py::arg("stream"),
+        "Graph backward rows: the dense top-k softmax gradient, written once.");
 }

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from .fused_linear import fused_linear_kd_loss
+from .fused_linear import fused_linear_kd_loss, fused_linear_topk_kd_loss
 from .graph import graph_on_logits_loss
 from .kd import kd_loss
 from .pld import plackett_luce_loss
@@ -91,6 +91,24 @@ class FusedLinearKDLoss(_LossModule):
                           normalizer=normalizer)
 
 
+class FusedLinearTopKKDLoss(_LossModule):
+    """Module form of `fused_linear_topk_kd_loss`.
+
+    forward(student_hidden [..., H], student_weight [V, H], teacher_topk_indices [..., k],
+    teacher_topk_values [..., k], labels [...] | None, student_bias [V] | None,
+    normalizer=None) -> float32 loss.
+    """
+
+    function = staticmethod(fused_linear_topk_kd_loss)
+    call_time = ("student_bias", "normalizer")
+
+    def forward(self, student_hidden, student_weight, teacher_topk_indices, teacher_topk_values,
+                labels=None, student_bias=None, normalizer=None):
+        return self._call(student_hidden, student_weight, teacher_topk_indices,
+                          teacher_topk_values, labels, student_bias=student_bias,
+                          normalizer=normalizer)
+
+
 class PlackettLuceLoss(_LossModule):
     """Module form of `plackett_luce_loss`.
 
@@ -154,6 +172,7 @@ class GraphOnLogitsLoss(_LossModule):
 __all__ = [
     "KDLoss",
     "FusedLinearKDLoss",
+    "FusedLinearTopKKDLoss",
     "GraphOnLogitsLoss",
     "PlackettLuceLoss",
     "SinkhornLoss",

@@ -26,6 +26,9 @@ case "$what" in
         python3 -m pytest -q -x -p no:cacheprovider \
             tests/test_dispatch.py tests/test_kd_gpu.py tests/test_cuda_build.py tests/test_cuda_kd.py \
             tests/test_topk_select.py tests/test_fused_linear.py tests/test_bench_harness.py \
+            tests/test_pld_triton.py tests/test_topk_kd_triton.py tests/test_pld_topk_gpu.py \
+            tests/test_fused_linear_topk.py tests/test_sinkhorn_triton.py \
+            tests/test_sinkhorn_loss_triton.py tests/test_graph_triton.py \
             "$@" 2>&1 | tee "$OUT/tests.log" | tail -25
         ;;
     bench)

@@ -59,6 +59,14 @@ LOSSES = {
             x["student"], x["ws"], x["ht"], x["wt"], x["y"], divergence="skew_forward_kl",
             student_softcap=6.0, chunk_size=4, **kw),
         teacher=("ht", "wt"), labels=True),
+    "fused_linear_topk_kd_loss": Loss(
+        make=lambda n: dict(student=torch.randn(n, 7), ws=torch.randn(V, 7) * 2, idx=torch.stack(
+            [torch.randperm(V)[:6] for _ in range(n)]) if n else torch.zeros(0, 6).long(),
+            vals=_logits(n, 6), y=_labels(n)),
+        call=lambda x, **kw: K.fused_linear_topk_kd_loss(
+            x["student"], x["ws"], x["idx"], x["vals"], x["y"], divergence="jsd", beta=0.3,
+            student_softcap=6.0, chunk_size=4, **kw),
+        teacher=("vals",), labels=True),
     "plackett_luce_loss": Loss(
         make=lambda n: dict(student=_logits(n), t=_logits(n), y=_labels(n)),
         call=lambda x, **kw: K.plackett_luce_loss(x["student"], x["t"], x["y"], top_k=5, **kw),
@@ -198,7 +206,7 @@ def test_fullgraph_compile_matches_eager(name):
 # loss (= its table's op) -> positions of the gradient outputs in the implementation's
 # arguments (an empty tensor there: no gradient)
 GRAD_ARGS = {"kd_loss": (5,), "plackett_luce_loss": (3,), "topk_kd_loss": (3,),
-             "fused_linear_kd_loss": (10, 11, 12)}
+             "fused_linear_kd_loss": (10, 11, 12), "fused_linear_topk_kd_loss": (9, 10, 11)}
 
 
 @pytest.mark.parametrize("name", sorted(GRAD_ARGS))

@@ -59,9 +59,12 @@ def test_build_compiles_all_sources_and_imports(built, mod):
     assert info["archs"] == "_".join(ARCHS)
     assert info["source_hash"] == "h" + _ext.source_hash(CSRC)
     assert info["max_topk"] == 256
+    assert info["pld_smem_k"] == 4096
     log = (path.parent / "build.log").read_text()
     units = sorted(p.name for p in CSRC.iterdir() if p.suffix in (".cu", ".cpp"))
-    assert {"bindings.cpp", "kd.cu", "topk.cu"} <= set(units)
+    assert {"bindings.cpp", "kd.cu", "topk.cu", "pld.cu", "topk_kd.cu", "sinkhorn.cu",
+            "graph.cu"} <= set(units)
+    assert info["sinkhorn_segment"] == 16
     for unit in units:  # every translation unit went through nvcc (in this or a copied tree)
         assert re.search(rf"NVCC \S*/{re.escape(unit)}$", log, re.M), unit
 
@@ -119,6 +122,23 @@ def test_kernel_call_without_gpu_raises_clear_error(mod):
         mod.scale_rows(0, 0, False, 1, 10, 10, 0, 0, 0)
     with pytest.raises(RuntimeError, match="no usable CUDA device"):
         mod.kd_fwd_plan(32000, 2, 1, 0)
+    with pytest.raises(RuntimeError, match="no usable CUDA device"):
+        mod.topk_kd_plan(32000, 64, 2, True, 0)
+    with pytest.raises(RuntimeError, match="no usable CUDA device"):
+        mod.pld_fwd(0, 0, 0, 1, 0, 0, False, 0, 0, 0, 0, 0, 0, 1, 10, 1, 10, 10, 10, 0, 1.0,
+                    -100, False, 0, 0)
+    with pytest.raises(RuntimeError, match="no usable CUDA device"):
+        mod.sinkhorn_plan(64, 64, False, 0)
+    with pytest.raises(RuntimeError, match="no usable CUDA device"):
+        mod.sinkhorn_fwd(0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 4, 4, 3, 1, 0.1, False, 0.0, False,
+                         False, True, 0, 0)
+    with pytest.raises(RuntimeError, match="no usable CUDA device"):
+        mod.graph_rows_bwd(0, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10, 1, 10, 2, 1, 1.0, 0, 0, 0)
+    # the slot rule needs no device (it mirrors the Triton solver's)
+    assert mod.sinkhorn_slots(20, False, True, True) == 20
+    assert mod.sinkhorn_slots(20, True, False, True) == 16
+    assert mod.sinkhorn_slots(20, True, False, False) == 2
+    assert mod.sinkhorn_slots(20, False, False, True) == 0
 
 
 def test_kd_loss_cuda_backend_on_cpu_tensors_raises():

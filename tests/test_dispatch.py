@@ -33,6 +33,15 @@ def _fused(be):
     out.backward(torch.tensor(0.5))
 
 
+def _fused_topk(be):
+    hs = torch.randn(5, 8, requires_grad=True)
+    ws = torch.randn(21, 8, requires_grad=True)
+    idx = torch.stack([torch.randperm(21)[:4] for _ in range(5)])
+    out = kdkernels.fused_linear_topk_kd_loss(hs, ws, idx, torch.randn(5, 4),
+                                              student_softcap=3.0, backend=be)
+    out.backward(torch.tensor(0.5))
+
+
 def _pld(be):
     s = torch.randn(4, 17, requires_grad=True)
     kdkernels.plackett_luce_loss(s, torch.randn(4, 17), top_k=5, backend=be).backward()
@@ -74,6 +83,7 @@ def _topk_select(be):
 OPS = {
     "kd_loss": ("kd_loss", _kd),
     "fused_linear_kd_loss": ("fused_linear_kd_loss", _fused),
+    "fused_linear_topk_kd_loss": ("fused_linear_topk_kd_loss", _fused_topk),
     "plackett_luce_loss": ("plackett_luce_loss", _pld),
     "topk_kd_loss": ("topk_kd_loss", _topk_kd),
     "sinkhorn": ("sinkhorn", _sinkhorn),
@@ -242,8 +252,17 @@ GPU_KERNELS = {  # (op call, backend) -> kernels that must launch (profiler name
                         "kdk::softcap_bwd_kernel"],
     ("topk", "triton"): ["_topk_select_kernel"],
     ("topk", "cuda"): ["kdk::topk_kernel"],
+    ("pld", "triton"): ["_topk_select_kernel", "_pld_kernel", "_scale_rows_kernel"],
+    ("pld", "cuda"): ["kdk::topk_kernel", "kdk::pld_fwd_kernel", "kdk::scale_rows_kernel"],
+    ("topk_kd", "triton"): ["_topk_kd_fwd_kernel", "_scale_rows_kernel"],
+    ("topk_kd", "cuda"): ["kdk::topk_kd_kernel", "kdk::scale_rows_kernel"],
+    ("sinkhorn", "cuda"): ["kdk::sk_fused_fwd_kernel", "kdk::sk_fused_bwd_kernel"],
+    ("graph", "cuda"): ["kdk::topk_kernel", "kdk::graph_rows_kernel", "kdk::graph_runs_kernel",
+                        "kdk::graph_gw_kernel", "kdk::graph_finish_kernel",
+                        "kdk::graph_rows_bwd_kernel"],
 }
-OTHER = {"triton": ("kdk::",), "cuda": ("_kd_fwd_kernel", "_softcap", "_scale_rows", "_topk")}
+OTHER = {"triton": ("kdk::",),
+         "cuda": ("_kd_fwd_kernel", "_softcap", "_scale_rows", "_topk", "_pld", "_sk_")}
 
 
 def _gpu_call(name, be):
@@ -257,6 +276,25 @@ def _gpu_call(name, be):
         ws = torch.randn(1000, 64, device=dev)
         kdkernels.fused_linear_kd_loss(hs, ws, torch.randn(8, 32, device=dev),
                                        torch.randn(1000, 32, device=dev), student_softcap=5.0,
+                                       backend=be).backward()
+    elif name == "pld":
+        s = torch.randn(8, 1000, device=dev, requires_grad=True)
+        labels = torch.randint(0, 1000, (8,), device=dev)
+        kdkernels.plackett_luce_loss(s, torch.randn(8, 1000, device=dev), labels, top_k=16,
+                                     backend=be).backward(torch.tensor(0.5, device=dev))
+    elif name == "topk_kd":
+        s = torch.randn(8, 1000, device=dev, requires_grad=True)
+        t = torch.randn(8, 1000, device=dev)
+        vals, idx = t.log_softmax(-1).topk(16, -1)
+        kdkernels.topk_kd_loss(s, idx, vals, values="logprobs", tail="bucket",
+                               backend=be).backward(torch.tensor(0.5, device=dev))
+    elif name == "sinkhorn":
+        c = torch.rand(3, 20, 24, device=dev, requires_grad=True)
+        f, g = kdkernels.sinkhorn(c, epsilon=0.1, n_iters=5, backend=be)
+        (f.sum() + g.sum()).backward()
+    elif name == "graph":
+        s = torch.randn(2, 6, 500, device=dev, requires_grad=True)
+        kdkernels.graph_on_logits_loss(s, torch.randn(2, 6, 400, device=dev), 8,
                                        backend=be).backward()
     else:
         kdkernels.topk_select(torch.randn(8, 1000, device=dev), 16, backend=be)

@@ -123,6 +123,34 @@ def test_fused_linear_nan_in_the_teacher_head_or_a_student_row():
     assert math.isnan(out[BAD_ROW]) and torch.isfinite(out[torch.arange(N) != BAD_ROW]).all()
 
 
+@pytest.mark.parametrize("loss", ["kd", "topk"])
+@pytest.mark.parametrize("value", [nan, math.inf])
+def test_fused_linear_ignored_rows_hidden_states_never_matter(loss, value):
+    """An ignored row's hidden state (student or teacher) never reaches a loss or any
+    gradient: not the weight's (0·NaN in the GEMM), not the other rows' hidden states."""
+    hs, ws = torch.randn(N, 8), torch.randn(V, 8)
+    ht, wt = torch.randn(N, 6), torch.randn(V, 6)
+    idx, vals = torch.randn(N, V).topk(5, -1).indices, torch.randn(N, 5) * 3
+    y = torch.randint(0, V, (N,))
+    y[BAD_ROW] = -100
+
+    def run(h, h_t):
+        h = h.clone().requires_grad_()
+        w = ws.clone().requires_grad_()
+        kw = dict(student_softcap=4.0)
+        if loss == "kd":
+            out = K.fused_linear_kd_loss(h, w, h_t, wt, y, **kw)
+        else:
+            out = K.fused_linear_topk_kd_loss(h, w, idx, vals, y, **kw)
+        out.backward()
+        return out.detach(), h.grad, w.grad
+
+    clean = run(hs, ht)
+    dirty = run(_poison(hs, value), _poison(ht, value))
+    for a, b in zip(clean, dirty):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("side", ["student", "teacher"])
 def test_plackett_luce_nan_anywhere_in_a_counted_row(side):
     s, t = torch.randn(N, V), torch.randn(N, V)
@@ -184,6 +212,18 @@ def test_graph_masked_positions_never_matter_valid_ones_do():
     assert torch.equal(K.graph_on_logits_loss(s2, t2, 3, mask=mask), clean)
     s2[1, 2, 7] = nan  # a valid position
     assert math.isnan(K.graph_on_logits_loss(s2, t, 3, mask=mask))
+
+
+def test_graph_nan_in_a_group_leaves_its_masked_positions_gradient_zero():
+    s, t = torch.randn(2, 4, V), torch.randn(2, 4, V)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[0, 1] = False
+    s[0, 2, 5] = nan  # a valid position of the same group: the group's loss is NaN
+    s = s.requires_grad_()
+    out = K.graph_on_logits_loss(s, t, 3, mask=mask)
+    out.backward()
+    assert math.isnan(out)
+    assert torch.equal(s.grad[0, 1], torch.zeros(V))
 
 
 def test_sinkhorn_loss_nan_propagates():

@@ -275,7 +275,7 @@ def test_bad_input(over, exc, name):
                      args.pop("teacher_topk_values"), args.pop("labels"), **args)
 
 
-def test_padding_may_repeat_and_unimplemented_backend():
+def test_padding_may_repeat_and_cuda_on_cpu_tensors_raises():
     args = _bad()
     idx = args["teacher_topk_indices"].clone()
     idx[:, 2:] = -1  # several -1 in a row are fine

@@ -69,3 +69,27 @@ def scale_rows_cuda(grad: torch.Tensor, scale: torch.Tensor) -> None:
         grad.data_ptr(), scale.data_ptr(), scale.dim() > 0, n, v, grad.stride(0),
         DTYPE_CODES[grad.dtype], device_index(dev), stream(dev),
     )
+
+
+def row_outputs(s: torch.Tensor, v: int, loss_out: torch.Tensor, grad_out: torch.Tensor,
+                scale: torch.Tensor, labels: torch.Tensor | None, *, wider_grad: bool = False):
+    """The checks of a row launcher's outputs, and its scalar conversions.
+
+    loss_out must be [N] float32 contiguous; grad_out empty (no gradient) or [N, v]
+    (wider_grad: [N, >= v]) rows of s's dtype. Returns (compute_grad, scale as float32,
+    labels as int32/int64 or None)."""
+    n = s.shape[0]
+    if loss_out.dtype != torch.float32 or not loss_out.is_contiguous() or loss_out.numel() != n:
+        raise ValueError("loss_out must be a contiguous float32 tensor with one entry per row")
+    compute_grad = grad_out.numel() > 0
+    if compute_grad:
+        check_rows("grad_out", grad_out)
+        cols_ok = grad_out.shape[1] >= v if wider_grad else grad_out.shape[1] == v
+        if grad_out.dtype != s.dtype or grad_out.shape[0] != n or not cols_ok:
+            width = ">= v" if wider_grad else "V"
+            raise ValueError(f"grad_out must be [N, {width}] in the student logits' dtype")
+    if scale.dtype != torch.float32:
+        scale = scale.float()
+    if labels is not None and labels.dtype not in (torch.int32, torch.int64):
+        labels = labels.long()
+    return compute_grad, scale, labels

@@ -38,6 +38,15 @@ def log1p(z):
 
 
 @triton.jit
+def expm1(x):
+    """e^x − 1, accurate for tiny |x|: (u − 1)·x / log u with u = e^x, where the rounding
+    of u cancels in the ratio (the same trick as log1p)."""
+    u = tl.exp(x)
+    small = (u - 1.0) * (x / tl.log(u))
+    return tl.where(u == 1.0, x, tl.where(tl.abs(x) < 1.0, small, u - 1.0))
+
+
+@triton.jit
 def logaddexp(x, y):
     m = safe_max(tl.maximum(x, y))
     return m + tl.log(tl.exp(x - m) + tl.exp(y - m))

@@ -18,9 +18,10 @@ allocated (or the allocator has kept) is counted:
 
 Each case states its bound and the reason for it (`MemCase.source`): `kd_loss` ≤ 1.3 ×
 the gradient (and no slower than eager log_softmax + kl_div + backward measured in the
-same run); fused linear ≤ 0.5 GiB above the inputs and the returned gradients; PLD,
-Sinkhorn, top-k KD and the graph loss: no N × V float32 temporary besides the inputs and
-the returned gradient, i.e. peak Δ − gradient < one float32 block of the logits' size.
+same run); fused linear (both forms) ≤ 0.5 GiB above the inputs and the returned
+gradients; PLD, Sinkhorn, top-k KD and the graph loss: no N × V float32 temporary besides
+the inputs and the returned gradient, i.e. peak Δ − gradient < one float32 block of the
+logits' size.
 
 Run one case by hand: `python -m kdkernels.bench.cpumem kd.forward_kl/kdkernels[torch]`.
 """
@@ -89,6 +90,7 @@ _OURS = "kdkernels[torch]"
 # Why each bound is what it is (the CSV's bound note shows it).
 _KD_WHY = "the returned gradient plus at most 30% scratch; eager needs 5×"
 _FUSED_WHY = "chunk buffers only (2 × 64 MiB at C=256), never the N×V logits"
+_FUSED_TOPK_WHY = "one chunk buffer (128 MiB at C=512), never the N×V logits"
 _NO_NXV = "no N×V fp32 temporary besides the returned gradient"
 
 MEM_CASES: tuple[MemCase, ...] = (
@@ -97,6 +99,8 @@ MEM_CASES: tuple[MemCase, ...] = (
     MemCase("kd.forward_kl", "eager", _KD_SHAPE, None, 0.0, "baseline", warmup=1, reps=2),
     MemCase("fused_linear.forward_kl", _OURS, {"N": 4096, "H": 1024, "V": 65536}, "extra",
             0.5 * GIB, _FUSED_WHY, warmup=0, reps=1),
+    MemCase("fused_linear.topk", _OURS, {"N": 4096, "H": 1024, "V": 65536, "k": 64}, "extra",
+            0.5 * GIB, _FUSED_TOPK_WHY, warmup=0, reps=1),
     MemCase("pld", _OURS, {"N": 256, "V": 131072}, "extra_grad", 1.0, _NO_NXV),
     MemCase("sinkhorn_loss", _OURS, {"B": 256, "V": 131072, "iters": 20}, "extra_grad", 1.0,
             _NO_NXV, warmup=0, reps=1),

@@ -111,6 +111,12 @@ def topk_kd_eager(s, idx, vals, *, temperature=1.0):
     return (logp.exp() * (logp - logq)).sum(-1).mean()
 
 
+def fused_linear_topk_eager(hs, ws, idx, vals, *, temperature=1.0):
+    """Materialise the N×V student logits with a matmul, then the eager top-k formula
+    (full log_softmax, gather, renormalise, forward KL)."""
+    return topk_kd_eager(hs @ ws.T, idx, vals, temperature=temperature)
+
+
 # -- graph on logits (SPEC §5) ---------------------------------------------------------
 
 

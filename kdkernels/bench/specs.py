@@ -56,9 +56,37 @@ def _cost_fused(shape, e, mode):
     return read + write, f_fwd + f_bwd
 
 
+def _cost_fused_topk(shape, e, mode):
+    """Hidden states and the head read, the teacher's k indices (int64) and values read;
+    one GEMM forward, two backward (grad hidden, grad weight accumulated in float32)."""
+    n, h, v, k = shape["N"], shape["H"], shape["V"], shape["k"]
+    read = (n * h + v * h) * e + n * k * (8 + e)
+    f_fwd = 2.0 * n * v * h
+    f_bwd = 4.0 * n * v * h
+    if mode == "forward":
+        return read + 4, f_fwd
+    write = n * h * e + v * h * 4
+    if mode == "backward":
+        return read + write, f_bwd
+    return read + write, f_fwd + f_bwd
+
+
 def _cost_sinkhorn(shape, e, mode):
+    """The cost matrix read once, the potentials written; and the iterations' work: each
+    (row, column) update pair touches every one of the B² entries twice."""
     b = shape["B"]
-    return b * b * e + 2 * b * 4, 0.0
+    return b * b * e + 2 * b * 4, 2.0 * b * b * shape["iters"]
+
+
+def _cost_sinkhorn_loss(shape, e, mode):
+    """Both logit tensors read once (the gradient written once with a backward), and the
+    pairwise cost's work: C_ij = Σ_v c(x_iv, y_jv) is 2·B²·V operations, its backward
+    G_iv = Σ_j C̄_ij φ(x_iv, y_jv) another 2·B²·V (the solver's B² per iteration is
+    negligible next to them at V >= 2048)."""
+    b, v = shape["B"], shape["V"]
+    nbytes, _ = _cost_logits_pair(lambda s: s["B"] * s["V"], lambda s: 1)(shape, e, mode)
+    flops = 2.0 * b * b * v
+    return nbytes, flops if mode in ("forward", "backward") else 2 * flops
 
 
 def _cost_topk(shape, e, mode):
@@ -163,6 +191,56 @@ def _fused_spec(div: str) -> OpSpec:
     )
 
 
+def _teacher_topk(n, v, k, dt, dev):
+    """A teacher's top-k (values, int64 indices) of N(0, 2²) logits, a block of rows at a
+    time (no N×V temporary)."""
+    vals = torch.empty(n, k, dtype=dt, device=dev)
+    idx = torch.empty(n, k, dtype=torch.long, device=dev)
+    rows = max(1, (1 << 22) // v)
+    for r0 in range(0, n, rows):
+        tv, ti = _logits((min(rows, n - r0), v), dt, dev).topk(k, -1)
+        vals[r0 : r0 + rows], idx[r0 : r0 + rows] = tv, ti
+    return vals, idx
+
+
+def _fused_topk_spec() -> OpSpec:
+    op = "fused_linear_topk_kd_loss"
+
+    def call_ours(fn, x, **kw):
+        return fn(x["hs"], x["ws"], x["idx"], x["vals"], **kw)
+
+    def call_eager(fn, x):
+        return fn(x["hs"], x["ws"], x["idx"], x["vals"])
+
+    def providers(device):
+        return with_ours(op, call_ours, device,
+                         eager_and_compile(naive.fused_linear_topk_eager, call_eager))
+
+    def make(s, dt, dev):
+        n, h, v, k = s["N"], s["H"], s["V"], s["k"]
+        vals, idx = _teacher_topk(n, v, k, dt, dev)
+        return {
+            "hs": _logits((n, h), dt, dev, gen_scale=1.0),
+            "ws": _logits((v, h), dt, dev, gen_scale=LOGIT_STD * h ** -0.5),
+            "idx": idx,
+            "vals": vals,
+        }
+
+    return OpSpec(
+        name="fused_linear.topk",
+        family="fused_linear",
+        make_inputs=make,
+        grad_inputs=("hs", "ws"),
+        cost=_cost_fused_topk,
+        providers=providers,
+        presets={
+            "cpu": Sweep({"N": 128, "H": 256, "V": 32000, "k": 64}),
+            "gpu": Sweep({"N": 8192, "H": 4096, "V": 128256, "k": 64}, {"V": GPU_VOCABS}),
+            "tiny": Sweep({"N": 8, "H": 16, "V": 96, "k": 8}),
+        },
+    )
+
+
 def _pld_spec(topk: bool) -> OpSpec:
     def call(fn, x, **be):
         kw = {"top_k": x["K"]} if topk else {}
@@ -243,7 +321,7 @@ def _sinkhorn_loss_spec() -> OpSpec:
         family="sinkhorn",
         make_inputs=make,
         grad_inputs=("s",),
-        cost=_cost_logits_pair(lambda s: s["B"] * s["V"], lambda s: 1),
+        cost=_cost_sinkhorn_loss,
         providers=providers,
         presets={
             "cpu": Sweep({"B": 64, "V": 8192, "iters": 20},
@@ -332,6 +410,7 @@ def all_specs() -> list[OpSpec]:
         *(_kd_spec(d) for d in DIVERGENCES),
         _fused_spec("forward_kl"),
         _fused_spec("jsd"),
+        _fused_topk_spec(),
         _pld_spec(False),
         _pld_spec(True),
         _sinkhorn_spec(),

@@ -1,7 +1,10 @@
-"""`fused_linear_kd_loss`: validation, dispatch and the autograd.Function (docs/spec.md §2).
+"""`fused_linear_kd_loss` and `fused_linear_topk_kd_loss`: validation, dispatch and the
+autograd.Function they share (docs/spec.md §2).
 
-The whole loss and, when any student tensor needs a gradient, all student gradients are
-computed in the forward pass (chunked, see ops.py); the N x V logits never exist.
+The two differ only in the teacher: a second linear head, or a stored top-k (the
+divergence step of the shared chunk loop, see ops.py). The whole loss and, when any
+student tensor needs a gradient, all student gradients are computed in the forward pass
+(chunked, see ops.py); the N x V logits never exist.
 
 Backward by reduction:
 - 'mean' / 'sum': the loss is linear in the per-row losses with one scalar upstream
@@ -33,8 +36,16 @@ from .._core.validate import (
 )
 from ..kd.function import VocabMismatch, prepare_kd_args
 from ..kd.params import ZERO, Divergence, KDParams
+from ..topk.function import (
+    TopKDivergence,
+    TopKTail,
+    TopKValues,
+    check_topk_tensors,
+    prepare_topk_args,
+    topk_facts,
+)
 from .chunking import choose_chunk_size
-from .ops import FUSED, fused_linear_kd_fwd
+from .ops import FUSED, FUSED_TOPK, fused_linear_kd_fwd, fused_linear_topk_kd_fwd
 
 WeightGradAccumulation = Literal["float32", "weight"]
 
@@ -48,6 +59,8 @@ class _LogitsMeta(NamedTuple):
 
 
 class FusedConfig(NamedTuple):
+    """The scalar arguments of `fused_linear_kd_loss` (constants: ht, wt, bt)."""
+
     prm: KDParams
     v: int
     reduction: str
@@ -60,7 +73,40 @@ class FusedConfig(NamedTuple):
     acc_in_weight_dtype: bool = False  # weight_grad_accumulation="weight"
 
 
-def _run(hs, ws, bs, ht, wt, bt, labels, scale, row_scale, loss, gh, gw, gb, cfg: FusedConfig):
+class TopKFusedConfig(NamedTuple):
+    """The scalar arguments of `fused_linear_topk_kd_loss` (constants: idx, vals)."""
+
+    code: int
+    beta: float
+    inv_temp: float
+    logprobs: bool
+    bucket: bool
+    ignore_index: int
+    v: int  # V_s: every column
+    reduction: str
+    backend: str
+    chunk: int
+    s_cap: float
+    s_mult: float
+    acc_in_weight_dtype: bool = False
+
+
+def _op_name(cfg) -> str:
+    return ("fused_linear_topk_kd_loss" if isinstance(cfg, TopKFusedConfig)
+            else "fused_linear_kd_loss")
+
+
+def _run(cfg, hs, ws, bs, consts, labels, scale, row_scale, loss, gh, gw, gb):
+    """One pass of the chunk loop of the loss `cfg` belongs to; consts: its teacher
+    tensors ((ht, wt, bt) or (idx, vals))."""
+    if isinstance(cfg, TopKFusedConfig):
+        idx, vals = consts
+        fused_linear_topk_kd_fwd(hs, ws, bs, idx, vals, labels, scale, row_scale, loss, gh, gw,
+                                 gb, cfg.backend, cfg.chunk, cfg.s_cap, cfg.s_mult, cfg.code,
+                                 cfg.beta, cfg.inv_temp, cfg.logprobs, cfg.bucket,
+                                 cfg.ignore_index)
+        return
+    ht, wt, bt = consts
     p = cfg.prm
     fused_linear_kd_fwd(hs, ws, bs, ht, wt, bt, labels, scale, row_scale, loss, gh, gw, gb,
                         cfg.backend, cfg.chunk, cfg.s_cap, cfg.s_mult, cfg.t_cap, cfg.t_mult,
@@ -87,25 +133,27 @@ def _finish(acc, like):
     return None if acc is None else acc.to(like.dtype)
 
 
-class FusedLinearKDFunction(torch.autograd.Function):
-    """Inputs: hs [N, H_s], ws [V_s, H_s], bs [V_s] | None, ht [N, H_t] and wt [V_t, H_t] and
-    bt [V_t] | None (constants), labels [N] | None, scale 0-dim float32, cfg, need (3 bools).
+class FusedLinearFunction(torch.autograd.Function):
+    """The autograd of both fused losses. Inputs: hs [N, H_s], ws [V_s, H_s], bs [V_s] |
+    None, labels [N] | None, scale 0-dim float32, cfg (FusedConfig or TopKFusedConfig),
+    need (3 bools: grad for hs, ws, bs), then the teacher's constants: ht [N, H_t],
+    wt [V_t, H_t], bt [V_t] | None for FusedConfig; idx [N, k], vals [N, k] for TopK.
     """
 
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, scale, cfg: FusedConfig, need):
+    def forward(ctx, hs, ws, bs, labels, scale, cfg, need, *consts):
         n = hs.shape[0]
         loss = torch.empty(n, dtype=torch.float32, device=hs.device)
-        ctx.cfg, ctx.need = cfg, need
+        ctx.cfg, ctx.need, ctx.n_consts = cfg, need, len(consts)
         ctx.backend, ctx.consumed = cfg.backend, False
         if cfg.reduction == "none":
             empty = hs.new_empty(0)
-            _run(hs, ws, bs, ht, wt, bt, labels, scale, None, loss, empty, empty, empty, cfg)
-            ctx.save_for_backward(hs, ws, bs, ht, wt, bt, labels)
+            _run(cfg, hs, ws, bs, consts, labels, scale, None, loss, empty, empty, empty)
+            ctx.save_for_backward(hs, ws, bs, labels, *consts)
             return loss
         gh, gw, gb, gw_v, gb_v = _grad_buffers(hs, ws, bs, need, cfg.v,
                                                cfg.acc_in_weight_dtype)
-        _run(hs, ws, bs, ht, wt, bt, labels, scale, None, loss, gh, gw_v, gb_v, cfg)
+        _run(cfg, hs, ws, bs, consts, labels, scale, None, loss, gh, gw_v, gb_v)
         gw, gb = _finish(gw, ws), _finish(gb, bs)
         ctx.save_for_backward(gh if need[0] else None, gw, gb)
         return reduce_rows(loss, scale, cfg.reduction)
@@ -114,19 +162,19 @@ class FusedLinearKDFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         cfg, need = ctx.cfg, ctx.need
         if cfg.reduction == "none":
-            refuse_double_backward("fused_linear_kd_loss")
-            hs, ws, bs, ht, wt, bt, labels = ctx.saved_tensors
+            refuse_double_backward(_op_name(cfg))
+            hs, ws, bs, labels, *consts = ctx.saved_tensors
             gh, gw, gb, gw_v, gb_v = _grad_buffers(hs, ws, bs, need, cfg.v,
                                                    cfg.acc_in_weight_dtype)
             ones = torch.ones((), dtype=torch.float32, device=hs.device)
             scratch = torch.empty(hs.shape[0], dtype=torch.float32, device=hs.device)
             row_scale = grad_out.reshape(-1).to(torch.float32).contiguous()
-            _run(hs, ws, bs, ht, wt, bt, labels, ones, row_scale, scratch, gh, gw_v, gb_v, cfg)
+            _run(cfg, hs, ws, bs, consts, labels, ones, row_scale, scratch, gh, gw_v, gb_v)
             gh = gh if need[0] else None
             gw, gb = _finish(gw, ws), _finish(gb, bs)
         else:
-            gh, gw, gb = rescale_stored(ctx, grad_out, "fused_linear_kd_loss")
-        return gh, gw, gb, None, None, None, None, None, None, None
+            gh, gw, gb = rescale_stored(ctx, grad_out, _op_name(cfg))
+        return (gh, gw, gb, None, None, None, None) + (None,) * ctx.n_consts
 
 
 def _check_head(prefix, hidden, weight, bias):
@@ -269,12 +317,106 @@ def fused_linear_kd_loss(
     check_choice("weight_grad_accumulation", weight_grad_accumulation, ("float32", "weight"))
     cfg = FusedConfig(prm, v, reduction, be, chunk, s_cap, s_mult, t_cap, t_mult,
                       weight_grad_accumulation == "weight")
+    out = _apply(cfg, need, hs2, ws, bs, y, scale, (ht2, wt, bt))
+    return out.reshape(lead) if reduction == "none" else out
+
+
+def _apply(cfg, need, hs, ws, bs, labels, scale, consts):
+    """The loss through the autograd.Function when any student tensor needs a gradient,
+    else one gradient-free pass of the chunk loop."""
     if any(need):
-        out = FusedLinearKDFunction.apply(hs2, ws, bs, ht2, wt, bt, y, scale, cfg, need)
+        return FusedLinearFunction.apply(hs, ws, bs, labels, scale, cfg, need, *consts)
+    loss = torch.empty(hs.shape[0], dtype=torch.float32, device=hs.device)
+    empty = hs.new_empty(0)
+    _run(cfg, hs.detach(), ws.detach(), bs.detach() if bs is not None else None, consts,
+         labels, scale, None, loss, empty, empty, empty)
+    return reduce_rows(loss, scale, cfg.reduction)
+
+
+def fused_linear_topk_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_topk_indices: torch.Tensor,
+    teacher_topk_values: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    values: TopKValues = "logits",
+    tail: TopKTail = "renormalize",
+    divergence: TopKDivergence = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    normalizer: float | torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    student_softcap: float | None = None,
+    student_logit_scale: float = 1.0,
+    chunk_size: int | None = None,
+    weight_grad_accumulation: WeightGradAccumulation = "float32",
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Top-k KD on the logits of a linear head, without materialising them (docs/spec.md §2).
+
+    Equal to `topk_kd_loss(S, teacher_topk_indices, teacher_topk_values, labels, ...)` with
+    S = f(student_hidden @ student_weightᵀ + student_bias), f(x) = c·tanh(m·x/c) with
+    softcap c, else m·x (m the logit scale), as in `fused_linear_kd_loss`. Only a chunk of
+    `chunk_size` token rows of logits exists at a time.
+
+    Args:
+        student_hidden: [..., H] float tensor; gets a gradient when it requires one.
+        student_weight: [V, H], student_hidden's dtype; gets a float32-accumulated gradient
+            when it requires one (a frozen head costs no weight-gradient work).
+        teacher_topk_indices: [..., k] integer tensor (int32 or int64), classes in [0, V)
+            without repeats in a row, −1 for padding (1 <= k <= V); checked on CPU only.
+        teacher_topk_values: [..., k] float tensor, the teacher's logits or log-probs at
+            those indices (ignored at padding); a constant.
+        labels: optional [...] integer tensor, used only to ignore rows (== ignore_index).
+        values, tail, divergence, beta, temperature, ignore_index, reduction, normalizer:
+            as in `topk_kd_loss` (docs/spec.md §5).
+        student_bias: optional [V] (student_weight's dtype).
+        student_softcap: None or c > 0; student_logit_scale: finite m.
+        chunk_size: token rows per chunk (int >= 1); default from V, H, the dtype and
+            KDKERNELS_FUSED_CHUNK_BUDGET_MB (256 MiB), not from N.
+        weight_grad_accumulation: 'float32' (default) or 'weight', as in
+            `fused_linear_kd_loss`.
+        backend: 'auto' | 'torch' | 'triton' | 'cuda' (the divergence step runs on
+            `topk_kd_loss`'s backend of that name: a backend it lacks is refused).
+
+    Returns:
+        float32 loss: a scalar, or [...] per-row losses for reduction='none'.
+    """
+    hs, ws = _check_head("student", student_hidden, student_weight, student_bias)
+    idx, vals = check_topk_tensors(teacher_topk_indices, teacher_topk_values)
+    device = check_same_device(student_hidden=hs, student_weight=ws, student_bias=student_bias,
+                               teacher_topk_indices=idx, teacher_topk_values=vals)
+    lead = hs.shape[:-1]
+    v = ws.shape[0]
+    a = prepare_topk_args(
+        lead, v, device, idx, vals, labels, values=values, tail=tail, divergence=divergence,
+        beta=beta, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
+        normalizer=normalizer)
+    s_cap = _check_cap("student_softcap", student_softcap)
+    s_mult = check_number("student_logit_scale", student_logit_scale)
+    if chunk_size is None:
+        chunk = choose_chunk_size(v, hs.shape[-1], 0, ws.dtype, ws.dtype,
+                                  student_softcap=s_cap > 0, need_teacher=False)
     else:
-        loss = torch.empty(n, dtype=torch.float32, device=device)
-        empty = hs2.new_empty(0)
-        _run(hs2.detach(), ws.detach(), bs.detach() if bs is not None else None, ht2, wt, bt,
-             y, scale, None, loss, empty, empty, empty, cfg)
-        out = reduce_rows(loss, scale, reduction)
+        chunk = check_int("chunk_size", chunk_size, lo=1)
+    check_choice("weight_grad_accumulation", weight_grad_accumulation, ("float32", "weight"))
+    be = FUSED_TOPK.resolve(backend, device, **topk_facts(ws.dtype, a))
+    grad_on = torch.is_grad_enabled()
+    bs = student_bias
+    need = (
+        grad_on and hs.requires_grad,
+        grad_on and ws.requires_grad,
+        grad_on and bs is not None and bs.requires_grad,
+    )
+    hs2 = _rows(hs)
+    y = labels.reshape(-1).contiguous() if labels is not None else None
+    scale = loss_scale(reduction, y, hs2.shape[0], a.normalizer, a.ignore_index, device,
+                       compute_dtype(ws))
+    cfg = TopKFusedConfig(a.code, a.beta, a.inv_temp, a.logprobs, a.bucket, a.ignore_index, v,
+                          reduction, be, chunk, s_cap, s_mult,
+                          weight_grad_accumulation == "weight")
+    out = _apply(cfg, need, hs2, ws, bs, y, scale, (a.idx, a.vals))
     return out.reshape(lead) if reduction == "none" else out

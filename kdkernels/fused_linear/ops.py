@@ -1,12 +1,18 @@
-"""The chunked forward of the fused linear KD loss, as a `torch.library` custom op.
+"""The chunked forward of the fused linear losses, as `torch.library` custom ops.
 
-Per chunk of C token rows (n0 .. n0+C):
+Both fused losses share one chunk loop (`chunk_loop`). Per chunk of C token rows
+(n0 .. n0+C):
 
-  Z_t = h_t W_tᵀ + b_t,  T = f_t(Z_t)                  (teacher logits, C x v)
   Z_s = h_s W_sᵀ + b_s,  S = f_s(Z_s)                  (student logits, C x v)
-  kd_fwd(S, T) -> per-row losses L_n and, in place in S, dS = scale·∂L_n/∂S
+  step(S) -> per-row losses L_n and, in place in S, dS = scale·∂L_n/∂S
   dZ = dS · f_s'(Z_s) · r_n                            (chain rule; r_n per-row upstream)
   grad_h[n0:n0+C] = dZ W_s        grad_W += dZᵀ h_s    grad_b += Σ_rows dZ
+
+The divergence step is the only difference between them:
+- `fused_linear_kd_loss` (`_KDStep`): the teacher logits Z_t = h_t W_tᵀ + b_t,
+  T = f_t(Z_t) into a C x v buffer of their own, then `kd_fwd(S, T)`;
+- `fused_linear_topk_kd_loss` (`_TopKStep`): `topk_kd_fwd(S, idx, vals)` on the chunk's
+  rows of the stored teacher top-k (no teacher buffer, no teacher GEMM).
 
 with f(z) = c·tanh(m·z/c) when a softcap c is given (f' = m·sech²(m·z/c)), else m·z
 (f' = m, folded into the GEMMs' alpha). `scale` is the mean's 1/denominator over *all*
@@ -16,7 +22,7 @@ for f') exists, and only when the student has a softcap.
 
 GEMMs run in the weights' dtype (cuBLAS: bf16/fp16 operands, float32 accumulation). The
 weight and bias gradients accumulate across chunks in float32 buffers supplied by the
-caller. Registered as a custom op (out-variant, fake implementation), the whole loop is
+caller. Registered as custom ops (out-variant, fake implementation), the whole loop is
 opaque to `torch.compile`: no graph break, no recompilation when N changes.
 """
 
@@ -25,11 +31,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._core import backend as _backend
 from .._core.backend import Dispatch, Impl
 from .._core.chunking import chunk_rows
 from .._core.customop import custom_op
 from ..kd.ops import kd_fwd
 from ..kd.params import ZERO
+from ..topk.ops import TOPK_KD_FWD, topk_kd_fwd
 
 _CUDA_OUT_DTYPE_GEMM = [True]  # addmm(..., out_dtype=float32) works here (until it raises)
 
@@ -41,6 +49,61 @@ FUSED = Dispatch("fused_linear_kd_loss", {
     "triton": Impl("kdkernels.fused_linear.ops:run_chunks"),
     "torch": Impl("kdkernels.fused_linear.ops:run_chunks"),
 })
+
+
+class _StepTable(Dispatch):
+    """The table of a fused loss whose divergence step is another op's table (`step`).
+
+    The chunk loop runs every step on one backend, so a backend exists for the fused loss
+    only while `step` has it: `backends` lists only those, `reason` (checked when a call
+    resolves, so a backend added to `step` later works at once) refuses the others with
+    a reason that says so and otherwise adds `step`'s own verifier (given the same
+    facts), and `auto` takes a backend only if `step` lets `auto` take it too."""
+
+    def __init__(self, op: str, impls: dict[str, Impl], step: Dispatch):
+        super().__init__(op, impls)
+        self.step = step
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        return tuple(b for b in self.impls if b in self.step.impls)
+
+    def reason(self, backend: str, device, facts: dict) -> str | None:
+        if backend in self.impls and backend not in self.step.impls:
+            return (
+                f"not implemented for this op until {self.step.op} has a {backend!r} backend "
+                f"(its divergence step runs there; available: {', '.join(self.backends)})"
+            )
+        why = super().reason(backend, device, facts)
+        return why if why is not None else self.step.reason(backend, device, facts)
+
+    def resolve(self, backend, device, **facts) -> str:
+        _, explicit = _backend.requested(backend)
+        if explicit or not _backend.on_gpu(device):
+            return super().resolve(backend, device, **facts)
+        for cand in self.backends:
+            if (cand != "torch" and self.impls[cand].auto and self.step.impls[cand].auto
+                    and self.reason(cand, device, facts) is None):
+                return cand
+        return "torch"
+
+
+# The top-k fused loss: the same loop with `topk_kd_loss`'s divergence step, which must
+# run on the requested backend too (its table's verifiers get topk_facts()).
+FUSED_TOPK = _StepTable("fused_linear_topk_kd_loss", {
+    "cuda": Impl("kdkernels.fused_linear.ops:run_topk_chunks",
+                 verify="kdkernels.fused_linear.ops:cuda_softcap_reason", auto=False),
+    "triton": Impl("kdkernels.fused_linear.ops:run_topk_chunks"),
+    "torch": Impl("kdkernels.fused_linear.ops:run_topk_chunks"),
+}, step=TOPK_KD_FWD)
+
+
+def cuda_softcap_reason(s_dtype, **_facts) -> str | None:
+    """The cuda softcap kernels' dtypes (the divergence step's own verifier runs after)."""
+    from .._core.cuda import dtype_reason
+
+    return dtype_reason("softcap kernels", s_dtype)
+
 SOFTCAP_FWD = Dispatch("softcap_fwd", {
     "cuda": Impl("kdkernels.fused_linear.cuda:softcap_fwd_cuda"),
     "triton": Impl("kdkernels.fused_linear.triton:softcap_fwd_triton"),
@@ -110,37 +173,116 @@ def fused_linear_kd_fwd(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, w
           hard_w, ignore_index, v)
 
 
+@custom_op("fused_linear_topk_kd_fwd", mutates=("loss", "grad_h", "grad_w", "grad_b"))
+def fused_linear_topk_kd_fwd(hs: Tensor, ws: Tensor, bs: Tensor | None, idx: Tensor,
+                             vals: Tensor, labels: Tensor | None, scale: Tensor,
+                             row_scale: Tensor | None, loss: Tensor, grad_h: Tensor,
+                             grad_w: Tensor, grad_b: Tensor, backend: str, chunk: int,
+                             s_cap: float, s_mult: float, code: int, beta: float,
+                             inv_temp: float, logprobs: bool, bucket: bool,
+                             ignore_index: int) -> None:
+    """`fused_linear_kd_fwd` against a stored teacher top-k: idx [N, k] (−1 = padding) and
+    vals [N, k] replace the teacher head; code, beta, inv_temp, logprobs, bucket and
+    ignore_index are `topk_kd_fwd`'s. Every vocabulary column of ws is used (v = V_s)."""
+    FUSED_TOPK(backend, hs, ws, bs, idx, vals, labels, scale, row_scale, loss, grad_h, grad_w,
+               grad_b, backend, chunk, s_cap, s_mult, code, beta, inv_temp, logprobs, bucket,
+               ignore_index)
+
+
+class _KDStep:
+    """The divergence step of `fused_linear_kd_loss`: per chunk, the teacher logits
+    T = f_t(h_t W_tᵀ + b_t) into a buffer of its own, then `kd_fwd` (the logit gradient
+    in place over the student logits)."""
+
+    def __init__(self, ht, wt, bt, t_cap, t_mult, div, inv_temp, w, soft_w, hard_w,
+                 ignore_index, v, scale, backend, rows, s_buf):
+        self.ht, self.wt_v, self.scale = ht, wt[:v], scale
+        self.bt_v = bt[:v] if bt is not None else None
+        self.t_cap, self.t_mult, self.backend = t_cap, t_mult, backend
+        self.kd_args = (div, inv_temp, w, soft_w, hard_w, ignore_index, v)
+        self.need_teacher = div != ZERO
+        self.t_buf = (torch.empty(rows, v, dtype=wt.dtype, device=ht.device)
+                      if self.need_teacher else s_buf)
+
+    def __call__(self, r0, r1, s_blk, loss_blk, grad_blk, y):
+        t_blk = self.t_buf[: r1 - r0]
+        if self.need_teacher:
+            ht = self.ht[r0:r1]
+            if self.t_cap > 0:
+                _logits(ht, self.wt_v, self.bt_v, self.t_mult / self.t_cap, t_blk)
+                SOFTCAP_FWD(self.backend, t_blk, t_blk, self.t_cap)
+            else:
+                _logits(ht, self.wt_v, self.bt_v, self.t_mult, t_blk)
+        kd_fwd(s_blk, self.scale, loss_blk, grad_blk, self.backend, y, t_blk, *self.kd_args)
+
+
+class _TopKStep:
+    """The divergence step of `fused_linear_topk_kd_loss`: `topk_kd_fwd` on the chunk's
+    rows of the stored teacher top-k (nothing to compute for the teacher)."""
+
+    def __init__(self, idx, vals, code, beta, inv_temp, logprobs, bucket, ignore_index,
+                 scale, backend):
+        self.idx, self.vals, self.scale, self.backend = idx, vals, scale, backend
+        self.args = (code, beta, inv_temp, logprobs, bucket, ignore_index)
+
+    def __call__(self, r0, r1, s_blk, loss_blk, grad_blk, y):
+        topk_kd_fwd(s_blk, self.scale, loss_blk, grad_blk, self.backend, y, self.idx[r0:r1],
+                    self.vals[r0:r1], *self.args)
+
+
 def run_chunks(
         hs, ws, bs, ht, wt, bt, labels, scale, row_scale, loss, grad_h, grad_w, grad_b, backend,
         chunk, s_cap, s_mult, t_cap, t_mult, div, inv_temp, w, soft_w, hard_w, ignore_index, v,
 ) -> None:
     """The chunk loop of `fused_linear_kd_fwd` (same arguments), every step on `backend`."""
+    chunk_loop(hs, ws, bs, labels, scale, row_scale, loss, grad_h, grad_w, grad_b, backend,
+               chunk, s_cap, s_mult, v, ignore_index,
+               lambda rows, s_buf: _KDStep(ht, wt, bt, t_cap, t_mult, div, inv_temp, w, soft_w,
+                                           hard_w, ignore_index, v, scale, backend, rows,
+                                           s_buf))
+
+
+def run_topk_chunks(
+        hs, ws, bs, idx, vals, labels, scale, row_scale, loss, grad_h, grad_w, grad_b, backend,
+        chunk, s_cap, s_mult, code, beta, inv_temp, logprobs, bucket, ignore_index,
+) -> None:
+    """The chunk loop of `fused_linear_topk_kd_fwd` (same arguments), every step on `backend`."""
+    chunk_loop(hs, ws, bs, labels, scale, row_scale, loss, grad_h, grad_w, grad_b, backend,
+               chunk, s_cap, s_mult, ws.shape[0], ignore_index,
+               lambda rows, s_buf: _TopKStep(idx, vals, code, beta, inv_temp, logprobs, bucket,
+                                             ignore_index, scale, backend))
+
+
+def chunk_loop(hs, ws, bs, labels, scale, row_scale, loss, grad_h, grad_w, grad_b, backend,
+               chunk, s_cap, s_mult, v, ignore_index, make_step) -> None:
+    """The loop both fused losses share (module docstring): per chunk the student logits
+    S = f_s(h_s W_sᵀ + b_s) [C, v], then `step(r0, r1, S, loss[r0:r1], dS, labels[r0:r1])`,
+    which writes the chunk's per-row losses and, when dS is S itself (not an empty tensor),
+    scale·∂L/∂S in place over S; then the softcap's chain rule and the gradient GEMMs.
+    `make_step(rows, s_buf)` builds the step once per call (it may allocate chunk buffers
+    of its own, or reuse s_buf where it needs none). Ignored rows' hidden states are
+    replaced by zeros before the GEMM: an inf/NaN there reaches no logit and no gradient
+    (not even through 0·NaN in the weight GEMM)."""
     n = hs.shape[0]
     rows = min(chunk, n)
     if rows == 0:
         return
     want_h, want_w, want_b = grad_h.numel() > 0, grad_w.numel() > 0, grad_b.numel() > 0
     want_grad = want_h or want_w or want_b
-    need_teacher = div != ZERO
-    ws_v, wt_v = ws[:v], wt[:v]
+    ws_v = ws[:v]
     bs_v = bs[:v] if bs is not None else None
-    bt_v = bt[:v] if bt is not None else None
     s_buf = torch.empty(rows, v, dtype=ws.dtype, device=hs.device)
-    t_buf = torch.empty(rows, v, dtype=wt.dtype, device=hs.device) if need_teacher else s_buf
+    step = make_step(rows, s_buf)
     u_buf = torch.empty(rows, v, dtype=ws.dtype, device=hs.device) if s_cap > 0 else None
     no_grad = s_buf.new_empty(0)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         m = r1 - r0
         h = hs[r0:r1]
+        y = labels[r0:r1] if labels is not None else None
+        if y is not None:
+            h = h.masked_fill((y == ignore_index).unsqueeze(1), 0)
         s_blk = s_buf[:m]
-        t_blk = t_buf[:m]
-        if need_teacher:
-            if t_cap > 0:
-                _logits(ht[r0:r1], wt_v, bt_v, t_mult / t_cap, t_blk)
-                SOFTCAP_FWD(backend, t_blk, t_blk, t_cap)
-            else:
-                _logits(ht[r0:r1], wt_v, bt_v, t_mult, t_blk)
         if s_cap > 0:
             u_blk = u_buf[:m]
             _logits(h, ws_v, bs_v, s_mult / s_cap, u_blk)
@@ -148,10 +290,8 @@ def run_chunks(
         else:
             u_blk = None
             _logits(h, ws_v, bs_v, s_mult, s_blk)
-        y = labels[r0:r1] if labels is not None else None
         # The divergence kernel reads each logit before overwriting it with its gradient.
-        kd_fwd(s_blk, scale, loss[r0:r1], s_blk if want_grad else no_grad, backend, y, t_blk,
-               div, inv_temp, w, soft_w, hard_w, ignore_index, v)
+        step(r0, r1, s_blk, loss[r0:r1], s_blk if want_grad else no_grad, y)
         if not want_grad:
             continue
         rs = row_scale[r0:r1] if row_scale is not None else None

@@ -37,3 +37,18 @@ def fused_linear_kd_loss_ref(
         t = head_logits_ref(teacher_hidden, teacher_weight, teacher_bias, teacher_softcap,
                             teacher_logit_scale, compute_dtype)
     return kd_loss_ref(s, t, labels, compute_dtype=compute_dtype, **kd_kwargs)
+
+
+def fused_linear_topk_kd_loss_ref(
+    student_hidden, student_weight, teacher_topk_indices, teacher_topk_values, labels=None, *,
+    student_bias=None, student_softcap=None, student_logit_scale=1.0,
+    compute_dtype=torch.float64, **topk_kwargs,
+):
+    """docs/spec.md §2 (top-k form) by materialising the student logits, then the top-k
+    oracle `topk_kd_loss_ref` (`topk_kwargs` as there)."""
+    from ..topk.reference import topk_kd_loss_ref
+
+    s = head_logits_ref(student_hidden, student_weight, student_bias, student_softcap,
+                        student_logit_scale, compute_dtype)
+    return topk_kd_loss_ref(s, teacher_topk_indices, teacher_topk_values, labels,
+                            compute_dtype=compute_dtype, **topk_kwargs)

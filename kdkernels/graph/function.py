@@ -49,7 +49,8 @@ def topk_logit_graph(
         k: entries kept per position, 1 <= k <= V (ties by lower class index).
         temperature: τ > 0; a_t = top-k entries of softmax(logits_t / τ), zero elsewhere.
         mask: optional [T] bool (or 0/1 integer) tensor of valid positions.
-        backend: 'auto' | 'torch'.
+        backend: 'auto' | 'torch' | 'triton' | 'cuda' ('auto' takes torch until a GPU
+            run validates the kernels; triton, cuda: k <= 256, not float64).
 
     Returns:
         (nodes [n] int64, the classes in any valid position's top-k, ascending;
@@ -87,7 +88,8 @@ def graph_on_logits_loss(
         k: top-k entries per position, 1 <= k <= min(V_s, V_t).
         temperature: τ > 0.
         mask: optional [G, T] bool (or 0/1 integer) tensor of valid positions.
-        backend: 'auto' | 'torch'.
+        backend: 'auto' | 'torch' | 'triton' | 'cuda' ('auto' takes torch until a GPU
+            run validates the kernels; triton, cuda: k <= 256, not float64).
 
     Returns:
         float32 scalar: the mean over groups with at least one valid position (0 if none)

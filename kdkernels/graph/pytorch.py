@@ -127,7 +127,8 @@ def _strengths(z, k: int, inv_temp: float, valid, masked: bool):
     zz = zz if zz.stride(-1) == 1 else zz.contiguous()
     row_ok = valid.reshape(-1) if masked else None
     vals, idx = TopkSoftmaxFunction.apply(zz, k, inv_temp, cdt, row_ok)
-    a = vals.reshape(g, t_len, k).double() * valid.unsqueeze(-1)
+    # a selection, not a product: a NaN upstream of a group never reaches masked rows (0·NaN)
+    a = torch.where(valid.unsqueeze(-1), vals.reshape(g, t_len, k).double(), 0.0)
     mass = a.sum(-1, keepdim=True)  # m_t
     idx = idx.reshape(g, t_len * k)
     d = torch.zeros(g, v, dtype=torch.float64, device=z.device)

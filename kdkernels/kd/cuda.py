@@ -20,7 +20,15 @@ import os
 import torch
 
 from .._core.codes import KdPath
-from .._core.cuda import DTYPE_CODES, check_rows, device_index, dtype_reason, module, stream
+from .._core.cuda import (
+    DTYPE_CODES,
+    check_rows,
+    device_index,
+    dtype_reason,
+    module,
+    row_outputs,
+    stream,
+)
 from .params import FWD_KL, KDParams
 
 _PATHS = {"auto": int(KdPath.AUTO), "stream": int(KdPath.STREAM), "smem": int(KdPath.SMEM)}
@@ -68,17 +76,8 @@ def kd_fwd_cuda(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int) 
         raise TypeError(reason)
     check_rows("student logits", s)
     check_rows("teacher logits", t)
-    if loss_out.dtype != torch.float32 or not loss_out.is_contiguous() or loss_out.numel() != n:
-        raise ValueError("loss_out must be a contiguous float32 tensor with one entry per row")
-    compute_grad = grad_out.numel() > 0
-    if compute_grad:
-        check_rows("grad_out", grad_out)
-        if grad_out.dtype != s.dtype or grad_out.shape[0] != n or grad_out.shape[1] < v:
-            raise ValueError("grad_out must be [N, >= v] in the student logits' dtype")
-    if scale.dtype != torch.float32:
-        scale = scale.float()
-    if labels is not None and labels.dtype not in (torch.int32, torch.int64):
-        labels = labels.long()
+    compute_grad, scale, labels = row_outputs(s, v, loss_out, grad_out, scale, labels,
+                                              wider_grad=True)
     force_path, force_cluster = plan_override()
     dev = s.device
     module().kd_fwd(

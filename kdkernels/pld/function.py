@@ -49,7 +49,8 @@ def plackett_luce_loss(
             each suffix log-sum-exp still runs over every class ranked at or after k.
         ignore_index, reduction, normalizer: as in `kd_loss` ('none' gives [...] float32
             per-row losses, 0 at ignored rows).
-        backend: 'auto' | 'torch' (the only implementation so far).
+        backend: 'auto' | 'torch' | 'triton' | 'cuda' ('auto' takes torch: the GPU
+            kernels join it once a GPU run validates them; cuda: not float64).
 
     Returns:
         float32 loss: a scalar, or [...] for reduction='none'.
@@ -70,7 +71,7 @@ def plackett_luce_loss(
     ignore_index, normalizer = check_row_args(
         labels, s.shape[:-1], v, device, ignore_index=ignore_index, reduction=reduction,
         normalizer=normalizer)
-    be = PLD_FWD.resolve(backend, device)
+    be = PLD_FWD.resolve(backend, device, s_dtype=s.dtype, t_dtype=t.dtype)
     return row_loss(PlackettLuceFunction, pld_fwd, s, labels, as_rows(t.detach()),
                     1.0 / temperature, k, ignore_index, reduction=reduction,
                     normalizer=normalizer, ignore_index=ignore_index, backend=be)

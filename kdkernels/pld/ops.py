@@ -8,7 +8,12 @@ from torch import Tensor
 from .._core.backend import Dispatch, Impl
 from .._core.customop import custom_op
 
+# In order of preference on a GPU; cuda and triton stay out of `auto` until a GPU run
+# validates them and a benchmark shows them faster than the torch path.
 PLD_FWD = Dispatch("plackett_luce_loss", {
+    "cuda": Impl("kdkernels.pld.cuda:pld_fwd_cuda", verify="kdkernels.pld.cuda:unsupported_reason",
+                 auto=False),
+    "triton": Impl("kdkernels.pld.triton:pld_fwd_triton", auto=False),
     "torch": Impl("kdkernels.pld.pytorch:pld_fwd_torch"),
 })
 

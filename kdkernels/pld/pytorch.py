@@ -18,9 +18,9 @@ For j ≥ K the gradient is exp(s_v + c_{K−1}), which needs no ranking: only t
 positions of π are ever built, and the suffix sums beyond them collapse into one
 log-sum-exp over the unranked tail, LSE_k = logaddexp(LSE_tail, LSE over π_k..π_{K−1}).
 
-Ranking. The first K positions of π are `topk_select`'s order over the teacher logits
-(descending, ties by lower index); with labels the label is moved to (or inserted at)
-the front of that list.
+Ranking (ranking.py). The first K positions of π are `topk_select`'s order over the
+teacher logits (descending, ties by lower index); with labels the label is moved to (or
+inserted at) the front of that list.
 
 Precision: all arithmetic per chunk is float64, whatever the input dtype, so the float32
 result is the float64 result rounded once. Memory: a chunk of rows at a time, so the
@@ -33,25 +33,9 @@ import torch
 
 from .._core.chunking import chunk_rows
 from .._core.rowgrad import row_policy
-from ..select.ops import TOPK
+from .ranking import rank_rows
 
 _NEG_INF = float("-inf")
-
-
-def _label_first(top: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Put y[r] first in top[r] (moved if present, else prepended and the last dropped).
-
-    top: [R, K] ranking prefix of all classes; y: [R] int64 -> [R, K].
-    """
-    r, k = top.shape
-    j = torch.arange(k, device=top.device).expand(r, k)
-    hit = top == y.unsqueeze(1)
-    # position of y in top, or k when absent
-    pos = torch.where(hit, j, k).amin(1, keepdim=True)
-    src = torch.where(j <= pos, j - 1, j).clamp_min(0)
-    out = top.gather(1, src)
-    out[:, 0] = y
-    return out
 
 
 def pld_fwd_torch(s, scale, loss_out, grad_out, labels, t, inv_temp: float, top_k: int,
@@ -71,14 +55,9 @@ def pld_fwd_torch(s, scale, loss_out, grad_out, labels, t, inv_temp: float, top_
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         tc = t[r0:r1]
-        top = torch.empty(r1 - r0, k, dtype=torch.int64, device=s.device)
-        TOPK("torch", tc, k, torch.empty(r1 - r0, k, dtype=tc.dtype, device=s.device), top)
-        valid = None
-        if labels is not None:
-            y = labels[r0:r1].long()
-            valid = y != ignore_index
-            # ignored rows keep the teacher's order (their loss is zeroed below)
-            top = _label_first(top, torch.where(valid, y, top[:, 0]))
+        y = labels[r0:r1] if labels is not None else None
+        top, _ = rank_rows(tc, y, k, ignore_index)  # ignored rows: their loss is zeroed below
+        valid = y != ignore_index if y is not None else None
         x = s[r0:r1].to(f64, copy=True)  # modified in place below
         b = tc.to(f64) * inv_temp
         # no softmax on either side (a NaN or +inf, or all -inf): the row's loss is NaN

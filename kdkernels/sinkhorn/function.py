@@ -91,9 +91,10 @@ def sinkhorn(
         epsilon: entropic regularisation ε > 0 (in the cost's units).
         n_iters: number of (row, column) update pairs, >= 1.
         tol: optional; stop after the first iteration where the row-marginal error
-            max over the batch of Σ_i |Σ_j P_ij − a_i| is below `tol` (costs a host
-            sync per iteration).
-        backend: 'auto' | 'torch'.
+            max over the batch of Σ_i |Σ_j P_ij − a_i| is below `tol` (torch: one
+            host sync per iteration; triton, cuda: decided on the device, no sync).
+        backend: 'auto' | 'torch' | 'triton' | 'cuda' ('auto' takes torch until a GPU run
+            validates the kernels).
 
     Returns:
         (f [..., B1], g [..., B2]) in float32 (float64 for a float64 cost). Differentiable
@@ -150,7 +151,8 @@ def sinkhorn_loss(
         n_iters: Sinkhorn iterations, >= 1.
         grad: 'unrolled' (exact derivative of the finite iteration) | 'envelope'
             (P held constant: ∂L/∂C = P).
-        backend: 'auto' | 'torch'.
+        backend: 'auto' | 'torch' | 'triton' (the fused cost kernels; the solver runs
+            on triton too; 'auto' takes torch until a GPU run validates the kernels).
 
     Returns:
         float32 scalar loss.

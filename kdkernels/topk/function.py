@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import torch
 
@@ -75,6 +75,86 @@ def _check_logprobs(vals: torch.Tensor, idx: torch.Tensor, labels, ignore_index:
         )
 
 
+class TopKArgs(NamedTuple):
+    """The validated top-k arguments, in the launcher's form (`topk_kd_fwd`)."""
+
+    idx: torch.Tensor  # [N, k] (−1 = padding)
+    vals: torch.Tensor  # [N, k], detached
+    code: int  # Div.FWD_KL, REV_KL or JSD (0 < beta < 1)
+    beta: float
+    inv_temp: float
+    logprobs: bool
+    bucket: bool
+    ignore_index: int
+    normalizer: float | torch.Tensor | None
+
+
+def check_topk_tensors(idx, vals) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's indices (an integer tensor) and values (a float tensor)."""
+    return (check_int_tensor("teacher_topk_indices", idx),
+            check_float_tensor("teacher_topk_values", vals))
+
+
+def prepare_topk_args(lead: tuple, v: int, device, idx: torch.Tensor, vals: torch.Tensor,
+                      labels, *, values, tail, divergence, beta, temperature, ignore_index,
+                      reduction, normalizer) -> TopKArgs:
+    """Every check of the top-k keywords and tensors against a student of leading shape
+    `lead` and vocabulary `v` (shared by `topk_kd_loss` and `fused_linear_topk_kd_loss`;
+    the tensors' types and devices are checked before)."""
+    check_choice("values", values, VALUES)
+    check_choice("tail", tail, TAILS)
+    check_choice("divergence", divergence, TOPK_DIVERGENCES)
+    if v < 1:
+        raise ValueError(f"the vocabulary dimension must be >= 1, got {v}")
+    lead = tuple(lead)
+    if idx.dim() < 1 or tuple(idx.shape[:-1]) != lead:
+        raise ValueError(
+            f"teacher_topk_indices must have shape [..., k] with the student's leading shape "
+            f"{lead}, got {tuple(idx.shape)}"
+        )
+    if tuple(vals.shape) != tuple(idx.shape):
+        raise ValueError(
+            f"teacher_topk_values must have the shape of teacher_topk_indices "
+            f"{tuple(idx.shape)}, got {tuple(vals.shape)}"
+        )
+    k = idx.shape[-1]
+    if not 1 <= k <= v:
+        raise ValueError(
+            f"teacher_topk_indices must hold k entries per row with 1 <= k <= V={v}, got k={k}"
+        )
+    temperature = check_number("temperature", temperature, lo=0.0, lo_open=True)
+    beta = check_number("beta", beta, lo=0.0, hi=1.0)
+    if values == "logprobs" and temperature != 1.0:
+        raise ValueError(
+            "values='logprobs' needs temperature=1.0 (stored log-probabilities cannot be "
+            f"re-tempered); got temperature={temperature:g}. Store logits and use values='logits'"
+        )
+    if tail == "bucket" and values != "logprobs":
+        raise ValueError(
+            "tail='bucket' needs values='logprobs': logits over k entries carry no tail mass; "
+            "use tail='renormalize' with values='logits'"
+        )
+    ignore_index, normalizer = check_row_args(
+        labels, lead, v, device, ignore_index=ignore_index, reduction=reduction,
+        normalizer=normalizer)
+    _check_indices(idx, v)
+    if values == "logprobs":
+        _check_logprobs(vals, idx, labels, ignore_index)
+    # jsd's endpoints are the plain KLs (TRL), so kernels never see log 0 weights
+    code = {"forward_kl": Div.FWD_KL, "reverse_kl": Div.REV_KL, "jsd": Div.JSD}[divergence]
+    if code == Div.JSD and beta in (0.0, 1.0):
+        code = Div.FWD_KL if beta == 0.0 else Div.REV_KL
+    return TopKArgs(idx.reshape(-1, k), vals.detach().reshape(-1, k), int(code), beta,
+                    1.0 / temperature, values == "logprobs", tail == "bucket", ignore_index,
+                    normalizer)
+
+
+def topk_facts(s_dtype: torch.dtype, a: TopKArgs) -> dict:
+    """What the verifiers of TOPK_KD_FWD are told about a call: the student logits' dtype,
+    the teacher values' dtype, k, and whether the tail bucket is used."""
+    return dict(s_dtype=s_dtype, t_dtype=a.vals.dtype, k=a.idx.shape[-1], bucket=a.bucket)
+
+
 def topk_kd_loss(
     student_logits: torch.Tensor,
     teacher_topk_indices: torch.Tensor,
@@ -116,62 +196,21 @@ def topk_kd_loss(
         reduction: 'none' ([...] float32 per-row losses, 0 at ignored rows) | 'sum' | 'mean'.
         normalizer: denominator of 'mean' (positive number or 0-dim tensor), default the
             number of valid rows (at least 1).
-        backend: 'auto' | 'torch' (the only implementation so far).
+        backend: 'auto' | 'torch' | 'triton' | 'cuda' ('auto' takes torch; triton and
+            cuda only when asked for; cuda takes fp16/bf16/fp32 student logits).
 
     Returns:
         float32 loss: a scalar, or [...] for reduction='none'.
     """
     s = check_float_tensor("student_logits", student_logits)
-    idx = check_int_tensor("teacher_topk_indices", teacher_topk_indices)
-    vals = check_float_tensor("teacher_topk_values", teacher_topk_values)
+    idx, vals = check_topk_tensors(teacher_topk_indices, teacher_topk_values)
     device = check_same_device(student_logits=s, teacher_topk_indices=idx,
                                teacher_topk_values=vals)
-    check_choice("values", values, VALUES)
-    check_choice("tail", tail, TAILS)
-    check_choice("divergence", divergence, TOPK_DIVERGENCES)
-    v = s.shape[-1]
-    if v < 1:
-        raise ValueError(f"the vocabulary dimension must be >= 1, got {v}")
-    lead = tuple(s.shape[:-1])
-    if idx.dim() < 1 or tuple(idx.shape[:-1]) != lead:
-        raise ValueError(
-            f"teacher_topk_indices must have shape [..., k] with the student's leading shape "
-            f"{lead}, got {tuple(idx.shape)}"
-        )
-    if tuple(vals.shape) != tuple(idx.shape):
-        raise ValueError(
-            f"teacher_topk_values must have the shape of teacher_topk_indices "
-            f"{tuple(idx.shape)}, got {tuple(vals.shape)}"
-        )
-    k = idx.shape[-1]
-    if not 1 <= k <= v:
-        raise ValueError(
-            f"teacher_topk_indices must hold k entries per row with 1 <= k <= V={v}, got k={k}"
-        )
-    temperature = check_number("temperature", temperature, lo=0.0, lo_open=True)
-    beta = check_number("beta", beta, lo=0.0, hi=1.0)
-    if values == "logprobs" and temperature != 1.0:
-        raise ValueError(
-            "values='logprobs' needs temperature=1.0 (stored log-probabilities cannot be "
-            f"re-tempered); got temperature={temperature:g}. Store logits and use values='logits'"
-        )
-    if tail == "bucket" and values != "logprobs":
-        raise ValueError(
-            "tail='bucket' needs values='logprobs': logits over k entries carry no tail mass; "
-            "use tail='renormalize' with values='logits'"
-        )
-    ignore_index, normalizer = check_row_args(
-        labels, lead, v, device, ignore_index=ignore_index, reduction=reduction,
-        normalizer=normalizer)
-    _check_indices(idx, v)
-    if values == "logprobs":
-        _check_logprobs(vals, idx, labels, ignore_index)
-    be = TOPK_KD_FWD.resolve(backend, device)
-    # jsd's endpoints are the plain KLs (TRL), so kernels never see log 0 weights
-    code = {"forward_kl": Div.FWD_KL, "reverse_kl": Div.REV_KL, "jsd": Div.JSD}[divergence]
-    if code == Div.JSD and beta in (0.0, 1.0):
-        code = Div.FWD_KL if beta == 0.0 else Div.REV_KL
-    return row_loss(TopKKDFunction, topk_kd_fwd, s, labels, idx.reshape(-1, k),
-                    vals.detach().reshape(-1, k), int(code), beta, 1.0 / temperature,
-                    values == "logprobs", tail == "bucket", ignore_index, reduction=reduction,
-                    normalizer=normalizer, ignore_index=ignore_index, backend=be)
+    a = prepare_topk_args(
+        s.shape[:-1], s.shape[-1], device, idx, vals, labels, values=values, tail=tail,
+        divergence=divergence, beta=beta, temperature=temperature, ignore_index=ignore_index,
+        reduction=reduction, normalizer=normalizer)
+    be = TOPK_KD_FWD.resolve(backend, device, **topk_facts(s.dtype, a))
+    return row_loss(TopKKDFunction, topk_kd_fwd, s, labels, a.idx, a.vals, a.code, a.beta,
+                    a.inv_temp, a.logprobs, a.bucket, a.ignore_index, reduction=reduction,
+                    normalizer=a.normalizer, ignore_index=a.ignore_index, backend=be)

@@ -19,8 +19,11 @@ others (no division by a possibly underflowed q_tail). ∂D/∂s = ∂D/∂a / �
   forward KL  D = Σ p log(p/q)                   h = −p
   reverse KL  D = Σ q log(q/p)                   h = q log(q/p)
   jsd         D = β Σ p log(p/m) + (1−β) Σ q log(q/m), m = βp + (1−β)q
-                                                 h = (1−β) q log(q/m)
-(constants dropped from ∂D/∂q: they cancel in r). 0·log 0 = 0 throughout.
+                                                 h = −(1−β) q log1p(βp / ((1−β)q))
+(multiples of q dropped from h: they cancel in r; jsd's form vanishes where p/q → 0
+instead of cancelling against q Σh). 0·log 0 = 0 throughout. The entry with the largest
+q takes its r from Σ_e r_e = 0 (_entry_grad), not from h − q Σh, which cancels to nothing
+where that q rounds to 1 (logit spreads of ~30).
 
 Cost: renormalize touches only the k gathered logits (O(N·k), plus zero-filling the
 gradient); bucket needs one pass over the full row (O(N·V)). Arithmetic is float64
@@ -62,8 +65,34 @@ def _div_terms(code: int, beta: float, lp, lq):
         d = _xlog(q, lq, lp)
         return d, d
     logm = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
-    hq = (1 - beta) * _xlog(q, lq, logm)
-    return beta * _xlog(p, lp, logm) + hq, hq
+    d = beta * _xlog(p, lp, logm) + (1 - beta) * _xlog(q, lq, logm)
+    # h = (1−β) q log(q/m) − c·q with c = −(1−β) log(1−β): −(1−β) q log1p(βp/((1−β)q)),
+    # which vanishes where p/q → 0 instead of cancelling against q Σh
+    odds = lp - lq + (math.log(beta) - math.log1p(-beta))
+    h = torch.where(q > 0, -(1 - beta) * q * torch.nn.functional.softplus(odds), 0.0)
+    return d, h
+
+
+def _lse_pivot(u):
+    """LSE over dim 1 as M + log1p(Σ_{v≠argmax} e^{u_v − M}): no rounding of 1 + tiny, so
+    1 − Σ e^u = −expm1(LSE) keeps its digits when the entries hold nearly all the mass."""
+    m = u.amax(1, keepdim=True)
+    m_s = torch.where(torch.isfinite(m), m, 0.0)
+    e = torch.exp(u - m_s).scatter_(1, u.argmax(1, keepdim=True), 0.0)
+    return torch.where(torch.isfinite(m), m + torch.log1p(e.sum(1, keepdim=True)), m)
+
+
+def _entry_grad(h, lq):
+    """r_e = h_e − q_e Σh = ∂D/∂(log q_e), with the pivot e* (the largest q) taken from
+    Σ_e r_e = 0: r_e* = Q'·h_e* − q_e*·H' (Q', H': sums over the other entries), which
+    keeps its digits where q_e* rounds to 1 and h − q Σh would cancel to nothing."""
+    q = lq.exp()
+    r = h - q * h.sum(1, keepdim=True)
+    piv = lq.argmax(1, keepdim=True)
+    others = torch.ones_like(q, dtype=torch.bool).scatter_(1, piv, False)
+    q_rest = torch.where(others, q, 0.0).sum(1, keepdim=True)
+    h_rest = torch.where(others, h, 0.0).sum(1, keepdim=True)
+    return r.scatter_(1, piv, q_rest * h.gather(1, piv) - q.gather(1, piv) * h_rest)
 
 
 def topk_kd_fwd_torch(s, scale, loss_out, grad_out, labels, idx, vals, code: int,
@@ -113,7 +142,7 @@ def topk_kd_fwd_torch(s, scale, loss_out, grad_out, labels, idx, vals, code: int
             lse_all = torch.logaddexp(lse_tail, torch.logsumexp(a_sel, 1, keepdim=True))
             lq = torch.cat([a_sel, lse_tail], 1) - lse_all
             # log(1 − Σ p_i) = log(−expm1(LSE u)), the mass the teacher left to the tail
-            lse_u = torch.logsumexp(u, 1, keepdim=True).clamp_max(0.0)
+            lse_u = _lse_pivot(u).clamp_max(0.0)
             lp_tail = torch.log(-torch.expm1(lse_u))
             # every class selected: the tail is the empty set, whatever rounding left in Σ p
             full = (~pad).sum(1, keepdim=True) == v
@@ -129,7 +158,7 @@ def topk_kd_fwd_torch(s, scale, loss_out, grad_out, labels, idx, vals, code: int
         loss_out[r0:r1] = row_policy(d.sum(1).clamp_min(0.0), bad, valid)
         if not want_grad:
             continue
-        r = h - lq.exp() * h.sum(1, keepdim=True)  # ∂D/∂(log q_e)
+        r = _entry_grad(h, lq)
         r = torch.where(bad.unsqueeze(1), torch.nan, r * (scale64 * inv_temp))
         if valid is not None:  # a fill, not a product: ignored rows stay 0 even if inf/NaN
             r = torch.where(valid.unsqueeze(1), r, 0.0)

@@ -101,10 +101,195 @@ void softcap_fwd(const void* u, void* out, int64_t n_rows, int64_t v, int64_t st
 void softcap_bwd(void* g, const void* u, const float* row_scale, int64_t n_rows, int64_t v,
                  int64_t stride_g, int64_t stride_u, float k, int dtype, cudaStream_t stream);
 
+// One pld_fwd call (plackett_luce_loss, docs/spec.md §3). Rows: s[n, :v] and t[n, :v] (one
+// dtype), rank[n, :k] (int64): the first k classes of the row's PLD order, thr[n] (int64,
+// contiguous): the last class of rank[n] that is there by teacher order (not as the label),
+// -1 if none; labels[n] (int32/int64, optional); loss[n] float32; grad[n, :v] (s's dtype,
+// written when compute_grad; may alias s); scale: one float32 on the device. scratch:
+// 3·k float32 per row (row stride stride_x) when k > kPldSmemK, else unused (null).
+struct PldFwdArgs {
+    const void* s;
+    const void* t;
+    const int64_t* rank;
+    const int64_t* thr;
+    const void* labels;
+    const float* scale;
+    float* loss;
+    void* grad;
+    float* scratch;
+    int64_t n_rows;
+    int64_t v;
+    int64_t k;
+    int64_t stride_s;
+    int64_t stride_t;
+    int64_t stride_g;
+    int64_t stride_r;
+    int64_t stride_l;
+    int64_t stride_x;
+    int64_t ignore_index;
+    float inv_temp;
+    int dtype;
+    bool has_labels;
+    bool labels_i64;
+    bool compute_grad;
+};
+
+// Ranked positions whose per-position scratch (3 floats) a block keeps in shared memory;
+// longer rankings use the global scratch of PldFwdArgs.
+constexpr int64_t kPldSmemK = 4096;
+
+// Launch on `stream` (asynchronous); `device` is the current device (shared-memory limit).
+void pld_fwd(const PldFwdArgs& args, int device, cudaStream_t stream);
+
+// One topk_kd_fwd call (topk_kd_loss, docs/spec.md §5). Rows: s[n, :v] (student logits),
+// idx[n, :k] (int64, -1 = padding), vals[n, :k] (float32: teacher logits or log-probs),
+// labels[n] (int32/int64, optional: only to ignore rows); loss[n] float32; grad[n, :v]
+// (s's dtype, written when compute_grad; may alias s). div: kFwdKL, kRevKL or kJsd
+// (0 < beta < 1, log_beta = log β, log_1mbeta = log(1 − β)).
+struct TopkKdArgs {
+    const void* s;
+    const int64_t* idx;
+    const float* vals;
+    const void* labels;
+    const float* scale;
+    float* loss;
+    void* grad;
+    int64_t n_rows;
+    int64_t v;
+    int64_t k;
+    int64_t stride_s;
+    int64_t stride_i;
+    int64_t stride_u;
+    int64_t stride_g;
+    int64_t stride_l;
+    int64_t ignore_index;
+    float inv_temp;
+    float beta;
+    float log_beta;
+    float log_1mbeta;
+    int dtype;
+    int div;
+    bool has_labels;
+    bool labels_i64;
+    bool logprobs;
+    bool bucket;
+    bool compute_grad;
+};
+
+// How topk_kd_fwd processes a row: path kSmem keeps the student row in shared memory
+// (bucket mode, which reads the row twice), kStream reads it from global memory;
+// bitmap_words: the selected-class bitmap (32 columns per word; a row longer than
+// 32·bitmap_words columns is processed in windows); entries: the entry tile (all k when
+// k <= entries, else tiles re-read per pass); smem_bytes: dynamic shared memory.
+struct TopkKdPlan {
+    int path;
+    int threads;
+    int bitmap_words;
+    int entries;
+    size_t smem_bytes;
+};
+
+// Plan for rows of v columns and k entries; force_path: kAuto, kStream or kSmem.
+TopkKdPlan topk_kd_plan(int64_t v, int64_t k, int dtype, bool bucket, int device, int force_path);
+
+// Launch on `stream` (asynchronous; never synchronises).
+void topk_kd_fwd(const TopkKdArgs& args, const TopkKdPlan& plan, cudaStream_t stream);
+
 // Per row of x[n, :v]: the k <= kTopkMaxK largest entries, sorted descending, ties by
 // lower index; values[n, k] (x's dtype) and indices[n, k] (int64), both contiguous.
 constexpr int kTopkMaxK = 256;
 void topk_select(const void* x, int64_t stride_x, int64_t n_rows, int64_t v, int k, int dtype,
                  void* values, int64_t* indices, cudaStream_t stream);
+
+// The log-domain Sinkhorn solver (`sinkhorn`, docs/spec.md §4; sinkhorn.cuh). Every buffer
+// is contiguous and of one float dtype (double when is_double, else float): cost
+// [m, b1, b2], log_a [m, b1], log_b [m, b2]; rh [n_slots, 2, m, b1] and lh [n_slots, 2, m,
+// b2] the per-iteration (shift, log-sum) pairs; iters: one int32 on the device, n_iters on
+// entry, the iterations run on exit. Forward: f [m, b1], g [m, b2]; part (use_tol) the
+// error partials: [segment, m] (fused) or [m, ceil(b1 / 8)] (tiled). Backward: grad_f,
+// grad_g (or null), cbar / labar / lbbar zero-initialised outputs; tiled: fb [m, b1] and
+// gb [m, b2] hold the upstream gradients (zeros when absent) and are overwritten.
+struct SinkhornArgs {
+    const void* cost;
+    const void* log_a;
+    const void* log_b;
+    void* rh;
+    void* lh;
+    void* f;
+    void* g;
+    void* part;
+    int* iters;
+    const void* grad_f;
+    const void* grad_g;
+    void* fb;
+    void* gb;
+    void* cbar;
+    void* labar;
+    void* lbbar;
+    int64_t m;
+    int64_t b1;
+    int64_t b2;
+    int64_t n_iters;
+    int64_t n_slots;
+    double epsilon;
+    double tol;
+    bool is_double;
+    bool use_tol;
+    bool history;
+    bool fused;
+};
+
+// Iterations per fused launch when tol is given (a check launch after each).
+constexpr int kSinkhornSegment = 16;
+
+// fused: one block per problem holds C/ε and the potentials in shared memory (smem_bytes
+// of dynamic shared memory), else the tiled path (two launches per iteration).
+struct SinkhornPlan {
+    bool fused;
+    size_t smem_bytes;
+};
+SinkhornPlan sinkhorn_plan(int64_t b1, int64_t b2, bool is_double, int device);
+
+// History slots the forward needs (0: none kept); the buffers hold max(slots, 1).
+int64_t sinkhorn_slots(int64_t n_iters, bool use_tol, bool history, bool fused);
+
+// Launch on `stream` (asynchronous; never synchronises).
+void sinkhorn_fwd(const SinkhornArgs& args, int device, cudaStream_t stream);
+void sinkhorn_bwd(const SinkhornArgs& args, int device, cudaStream_t stream);
+
+// graph_on_logits_loss / topk_logit_graph (docs/spec.md §5; graph.cuh). Rows z [n, :v]
+// (row stride stride_z, unit column stride, dtype code `dtype`), valid [n] bool or null.
+// Row stage: top_idx [n, k] int64 (topk_select's output, contiguous) -> a [n, k] float32,
+// idx [n, k] int32, m [n], lse [n] float32 (all contiguous).
+void graph_rows(const void* z, int64_t stride_z, const bool* valid, const int64_t* top_idx,
+                int64_t n_rows, int64_t v, int k, float inv_temp, int dtype, float* a, int* idx,
+                float* m, float* lse, cudaStream_t stream);
+
+// Group stage on `groups` groups of t_len positions, both models (2·groups group-sides),
+// p = t_len·k entries each: key [2G, p] int32 classes sorted ascending and perm [2G, p]
+// int64 their entry numbers; a [2G·p], m [2G·t_len] float32; du [2G, p] int64 (−1 on
+// entry), nu, bad [2G] int32 (0 on entry); uent [G·p] int32 or null.
+void graph_runs(const int* key, const int64_t* perm, const float* a, const float* m,
+                int64_t* du, int* nu, int* bad, int* uent, int64_t groups, int64_t t_len,
+                int k, double fix_scale, cudaStream_t stream);
+
+// sorted [2G, p] int64 strengths sorted descending and order [2G, p] their slots; cost [G]
+// float64; gu [G·p] float32 or null (no gradient).
+void graph_gw(const int64_t* sorted, const int64_t* order, const int* nu, const int* bad,
+              double* cost, float* gu, int64_t groups, int64_t p, double unfix,
+              cudaStream_t stream);
+
+// loss, inv: one float32 each.
+void graph_finish(const double* cost, const int* nu, float* loss, float* inv, int64_t groups,
+                  cudaStream_t stream);
+
+// Backward rows: grad [n, :v] (row stride stride_g, z's dtype) of Σ ā·a, ā = abar [n, k]
+// float32 or (abar null) from gu at slots uent (groups of t_len rows, p = t_len·k);
+// times scale[0]·inv[0] when scale is not null.
+void graph_rows_bwd(const void* z, int64_t stride_z, const bool* valid, const float* a,
+                    const int* idx, const float* m, const float* lse, const float* abar,
+                    const int* uent, const float* gu, const float* scale, const float* inv,
+                    void* grad, int64_t stride_g, int64_t n_rows, int64_t v, int k, int64_t t_len,
+                    float inv_temp, int dtype, cudaStream_t stream);
 
 }  // namespace kdk
