@@ -2,6 +2,7 @@
 
 from ._core.backend import BackendUnavailableError
 from ._version import __version__
+from .distributed import global_normalizer
 from .fused_linear import fused_linear_kd_loss, fused_linear_topk_kd_loss
 from .graph import graph_on_logits_loss, topk_logit_graph
 from .kd import DIVERGENCES, TAIDSchedule, kd_loss
@@ -14,6 +15,7 @@ from .nn import (
     SinkhornLoss,
     TopKKDLoss,
 )
+from .parallel import VocabParallel
 from .pld import plackett_luce_loss
 from .select import topk_select
 from .sinkhorn import sinkhorn, sinkhorn_loss
@@ -31,8 +33,10 @@ __all__ = [
     "TopKKDLoss",
     "TAIDSchedule",
     "TeacherTopK",
+    "VocabParallel",
     "fused_linear_kd_loss",
     "fused_linear_topk_kd_loss",
+    "global_normalizer",
     "graph_on_logits_loss",
     "kd_loss",
     "plackett_luce_loss",

@@ -19,7 +19,8 @@ Backward by reduction:
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+import math
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -36,6 +37,7 @@ from .._core.validate import (
 )
 from ..kd.function import VocabMismatch, prepare_kd_args
 from ..kd.params import ZERO, Divergence, KDParams
+from ..parallel import Shards, VocabParallel, check_vocab_parallel
 from ..topk.function import (
     TopKDivergence,
     TopKTail,
@@ -46,6 +48,7 @@ from ..topk.function import (
 )
 from .chunking import choose_chunk_size
 from .ops import FUSED, FUSED_TOPK, fused_linear_kd_fwd, fused_linear_topk_kd_fwd
+from .parallel import run_kd_chunks_vocab_parallel, run_topk_chunks_vocab_parallel
 
 WeightGradAccumulation = Literal["float32", "weight"]
 
@@ -56,6 +59,14 @@ class _LogitsMeta(NamedTuple):
     shape: tuple
     dtype: torch.dtype
     device: torch.device
+
+
+class VocabParallelConfig(NamedTuple):
+    """A validated `vocab_parallel=` of a fused loss: the shards and whether the hidden
+    gradient is all-reduced over the group."""
+
+    shards: Shards
+    reduce_hidden_grad: bool
 
 
 class FusedConfig(NamedTuple):
@@ -71,6 +82,7 @@ class FusedConfig(NamedTuple):
     t_cap: float
     t_mult: float
     acc_in_weight_dtype: bool = False  # weight_grad_accumulation="weight"
+    vp: Any = None  # VocabParallelConfig: v, chunk are then this rank's / every rank's
 
 
 class TopKFusedConfig(NamedTuple):
@@ -89,6 +101,7 @@ class TopKFusedConfig(NamedTuple):
     s_cap: float
     s_mult: float
     acc_in_weight_dtype: bool = False
+    vp: Any = None  # VocabParallelConfig
 
 
 def _op_name(cfg) -> str:
@@ -99,6 +112,20 @@ def _op_name(cfg) -> str:
 def _run(cfg, hs, ws, bs, consts, labels, scale, row_scale, loss, gh, gw, gb):
     """One pass of the chunk loop of the loss `cfg` belongs to; consts: its teacher
     tensors ((ht, wt, bt) or (idx, vals))."""
+    if cfg.vp is not None:  # plain Python: it issues collectives
+        sh, red = cfg.vp
+        if isinstance(cfg, TopKFusedConfig):
+            idx, vals = consts
+            run_topk_chunks_vocab_parallel(
+                hs, ws, bs, idx, vals, labels, scale, row_scale, loss, gh, gw, gb, cfg.chunk,
+                cfg.s_cap, cfg.s_mult, cfg.code, cfg.beta, cfg.inv_temp, cfg.logprobs,
+                cfg.bucket, cfg.ignore_index, sh, red)
+        else:
+            ht, wt, bt = consts
+            run_kd_chunks_vocab_parallel(
+                hs, ws, bs, ht, wt, bt, labels, scale, row_scale, loss, gh, gw, gb, cfg.chunk,
+                cfg.s_cap, cfg.s_mult, cfg.t_cap, cfg.t_mult, cfg.prm, sh, red)
+        return
     if isinstance(cfg, TopKFusedConfig):
         idx, vals = consts
         fused_linear_topk_kd_fwd(hs, ws, bs, idx, vals, labels, scale, row_scale, loss, gh, gw,
@@ -240,6 +267,7 @@ def fused_linear_kd_loss(
     vocab_mismatch: VocabMismatch = "error",
     chunk_size: int | None = None,
     weight_grad_accumulation: WeightGradAccumulation = "float32",
+    vocab_parallel: VocabParallel | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """KD loss on the logits of two linear heads, without materialising them (docs/spec.md §2).
@@ -268,6 +296,12 @@ def fused_linear_kd_loss(
             4·V·(H_s+1)-byte buffer) or 'weight' (accumulate in the weight's own dtype:
             each chunk's GEMM adds in float32 and rounds once into the gradient; no extra
             buffer, as Liger-Kernel does; identical for float32 weights).
+        vocab_parallel: a `VocabParallel`: this rank holds rows [start, stop) of both
+            heads (weights and biases; hidden states and labels replicated, labels global
+            ids). Every rank of its group returns the full-vocabulary loss; the weight and
+            bias gradients are this rank's rows; the hidden-state gradient is summed over
+            the group (all-reduced unless `vocab_parallel.reduce_hidden_grad` is False).
+            Backend 'torch' only (docs/vocab_parallel.md, "The fused form").
         backend: 'auto' | 'torch' | 'triton' | 'cuda'.
 
     Returns:
@@ -279,8 +313,20 @@ def fused_linear_kd_loss(
         student_hidden=hs, student_weight=ws, student_bias=student_bias, teacher_hidden=ht,
         teacher_weight=wt, teacher_bias=teacher_bias,
     )
-    s_meta = _LogitsMeta(tuple(hs.shape[:-1]) + (ws.shape[0],), ws.dtype, device)
-    t_meta = _LogitsMeta(tuple(ht.shape[:-1]) + (wt.shape[0],), wt.dtype, device)
+    chunk = None if chunk_size is None else check_int("chunk_size", chunk_size, lo=1)
+    grad_on = torch.is_grad_enabled()
+    bs = student_bias
+    need = (
+        grad_on and hs.requires_grad,
+        grad_on and ws.requires_grad,
+        grad_on and bs is not None and bs.requires_grad,
+    )
+    shards = _check_vocab_parallel(vocab_parallel, "fused_linear_kd_loss", backend,
+                                   (ws.shape[0], wt.shape[0]), hs, chunk, need, device)
+    vs = ws.shape[0] if shards is None else shards.v
+    vt = wt.shape[0] if shards is None else shards.v
+    s_meta = _LogitsMeta(tuple(hs.shape[:-1]) + (vs,), ws.dtype, device)
+    t_meta = _LogitsMeta(tuple(ht.shape[:-1]) + (vt,), wt.dtype, device)
     prm, v, normalizer = prepare_kd_args(
         s_meta, t_meta, labels, divergence=divergence, beta=beta, alpha=alpha, taid_t=taid_t,
         temperature=temperature, ignore_index=ignore_index, reduction=reduction,
@@ -292,22 +338,16 @@ def fused_linear_kd_loss(
     t_cap = _check_cap("teacher_softcap", teacher_softcap)
     s_mult = check_number("student_logit_scale", student_logit_scale)
     t_mult = check_number("teacher_logit_scale", teacher_logit_scale)
-    if chunk_size is None:
+    if shards is not None:  # local columns; the chunk from the widest shard: every rank alike
+        v = ws.shape[0]
+    if chunk is None:
         chunk = choose_chunk_size(
-            v, hs.shape[-1], ht.shape[-1], ws.dtype, wt.dtype, student_softcap=s_cap > 0,
-            need_teacher=prm.div != ZERO,
+            v if shards is None else shards.max_width, hs.shape[-1], ht.shape[-1], ws.dtype,
+            wt.dtype, student_softcap=s_cap > 0, need_teacher=prm.div != ZERO,
         )
-    else:
-        chunk = check_int("chunk_size", chunk_size, lo=1)
-    be = FUSED.resolve(backend, device, s_dtype=ws.dtype, t_dtype=wt.dtype)
+    be = ("torch" if shards is not None
+          else FUSED.resolve(backend, device, s_dtype=ws.dtype, t_dtype=wt.dtype))
     lead = hs.shape[:-1]
-    grad_on = torch.is_grad_enabled()
-    bs = student_bias
-    need = (
-        grad_on and hs.requires_grad,
-        grad_on and ws.requires_grad,
-        grad_on and bs is not None and bs.requires_grad,
-    )
     hs2 = _rows(hs)
     ht2 = _rows(ht.detach())
     wt, bt = wt.detach(), teacher_bias.detach() if teacher_bias is not None else None
@@ -316,9 +356,25 @@ def fused_linear_kd_loss(
     scale = loss_scale(reduction, y, n, normalizer, prm.ignore_index, device, compute_dtype(ws))
     check_choice("weight_grad_accumulation", weight_grad_accumulation, ("float32", "weight"))
     cfg = FusedConfig(prm, v, reduction, be, chunk, s_cap, s_mult, t_cap, t_mult,
-                      weight_grad_accumulation == "weight")
+                      weight_grad_accumulation == "weight", _vp_config(vocab_parallel, shards))
     out = _apply(cfg, need, hs2, ws, bs, y, scale, (ht2, wt, bt))
     return out.reshape(lead) if reduction == "none" else out
+
+
+def _check_vocab_parallel(vp, op, backend, widths, hs, chunk, need, device):
+    """None without `vp`; else the validated shards. Besides the checks of the logits
+    losses, every rank must pass the same chunk_size (or None) and agree on whether the
+    hidden state needs a gradient: the chunks' and the hidden all-reduce's collectives
+    must line up across the group."""
+    if vp is None:
+        return None
+    return check_vocab_parallel(
+        vp, op, backend, widths, math.prod(hs.shape[:-1]), device,
+        agree={"chunk_size": chunk or 0, "student_hidden's requires_grad": int(need[0])})
+
+
+def _vp_config(vp, shards):
+    return None if shards is None else VocabParallelConfig(shards, vp.reduce_hidden_grad)
 
 
 def _apply(cfg, need, hs, ws, bs, labels, scale, consts):
@@ -353,6 +409,7 @@ def fused_linear_topk_kd_loss(
     student_logit_scale: float = 1.0,
     chunk_size: int | None = None,
     weight_grad_accumulation: WeightGradAccumulation = "float32",
+    vocab_parallel: VocabParallel | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Top-k KD on the logits of a linear head, without materialising them (docs/spec.md §2).
@@ -379,6 +436,8 @@ def fused_linear_topk_kd_loss(
             KDKERNELS_FUSED_CHUNK_BUDGET_MB (256 MiB), not from N.
         weight_grad_accumulation: 'float32' (default) or 'weight', as in
             `fused_linear_kd_loss`.
+        vocab_parallel: a `VocabParallel`: this rank holds rows [start, stop) of the head
+            (the top-k indices stay global ids), as in `fused_linear_kd_loss`.
         backend: 'auto' | 'torch' | 'triton' | 'cuda' (the divergence step runs on
             `topk_kd_loss`'s backend of that name: a backend it lacks is refused).
 
@@ -390,20 +449,7 @@ def fused_linear_topk_kd_loss(
     device = check_same_device(student_hidden=hs, student_weight=ws, student_bias=student_bias,
                                teacher_topk_indices=idx, teacher_topk_values=vals)
     lead = hs.shape[:-1]
-    v = ws.shape[0]
-    a = prepare_topk_args(
-        lead, v, device, idx, vals, labels, values=values, tail=tail, divergence=divergence,
-        beta=beta, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
-        normalizer=normalizer)
-    s_cap = _check_cap("student_softcap", student_softcap)
-    s_mult = check_number("student_logit_scale", student_logit_scale)
-    if chunk_size is None:
-        chunk = choose_chunk_size(v, hs.shape[-1], 0, ws.dtype, ws.dtype,
-                                  student_softcap=s_cap > 0, need_teacher=False)
-    else:
-        chunk = check_int("chunk_size", chunk_size, lo=1)
-    check_choice("weight_grad_accumulation", weight_grad_accumulation, ("float32", "weight"))
-    be = FUSED_TOPK.resolve(backend, device, **topk_facts(ws.dtype, a))
+    chunk = None if chunk_size is None else check_int("chunk_size", chunk_size, lo=1)
     grad_on = torch.is_grad_enabled()
     bs = student_bias
     need = (
@@ -411,12 +457,28 @@ def fused_linear_topk_kd_loss(
         grad_on and ws.requires_grad,
         grad_on and bs is not None and bs.requires_grad,
     )
+    shards = _check_vocab_parallel(vocab_parallel, "fused_linear_topk_kd_loss", backend,
+                                   (ws.shape[0],), hs, chunk, need, device)
+    v = ws.shape[0]
+    a = prepare_topk_args(
+        lead, v if shards is None else shards.v, device, idx, vals, labels, values=values,
+        tail=tail, divergence=divergence, beta=beta, temperature=temperature,
+        ignore_index=ignore_index, reduction=reduction, normalizer=normalizer)
+    s_cap = _check_cap("student_softcap", student_softcap)
+    s_mult = check_number("student_logit_scale", student_logit_scale)
+    if chunk is None:
+        chunk = choose_chunk_size(v if shards is None else shards.max_width, hs.shape[-1], 0,
+                                  ws.dtype, ws.dtype, student_softcap=s_cap > 0,
+                                  need_teacher=False)
+    check_choice("weight_grad_accumulation", weight_grad_accumulation, ("float32", "weight"))
+    be = ("torch" if shards is not None
+          else FUSED_TOPK.resolve(backend, device, **topk_facts(ws.dtype, a)))
     hs2 = _rows(hs)
     y = labels.reshape(-1).contiguous() if labels is not None else None
     scale = loss_scale(reduction, y, hs2.shape[0], a.normalizer, a.ignore_index, device,
                        compute_dtype(ws))
     cfg = TopKFusedConfig(a.code, a.beta, a.inv_temp, a.logprobs, a.bucket, a.ignore_index, v,
                           reduction, be, chunk, s_cap, s_mult,
-                          weight_grad_accumulation == "weight")
+                          weight_grad_accumulation == "weight", _vp_config(vocab_parallel, shards))
     out = _apply(cfg, need, hs2, ws, bs, y, scale, (a.idx, a.vals))
     return out.reshape(lead) if reduction == "none" else out

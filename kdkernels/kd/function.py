@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal, get_args
 
 import torch
@@ -16,13 +17,16 @@ from .._core.validate import (
     check_row_args,
     check_same_device,
 )
+from ..parallel import VocabParallel, check_vocab_parallel, global_shape, unwrap_dtensors
 from .ops import KD_FWD, kd_fwd
+from .parallel import kd_fwd_vocab_parallel, vocab_parallel_backend
 from .params import DIVERGENCES, Divergence, canonical
 
 VocabMismatch = Literal["error", "truncate"]
 VOCAB_MISMATCH: tuple[str, ...] = get_args(VocabMismatch)
 
 KDLossFunction = row_loss_function("kd_loss", kd_fwd)
+KDVocabParallelFunction = row_loss_function("kd_loss", kd_fwd_vocab_parallel)
 
 
 def prepare_kd_args(
@@ -89,6 +93,7 @@ def kd_loss(
     hard_label_weight: float = 0.0,
     soft_label_weight: float = 1.0,
     vocab_mismatch: VocabMismatch = "error",
+    vocab_parallel: VocabParallel | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Knowledge-distillation loss between student and teacher logits (docs/spec.md §1).
@@ -108,20 +113,39 @@ def kd_loss(
             of valid rows (at least 1).
         hard_label_weight, soft_label_weight: L_n = soft·D_n + hard·CE(s_n, y_n).
         vocab_mismatch: 'error' | 'truncate' (use the first min(V_s, V_t) columns).
+        vocab_parallel: a `VocabParallel`: this rank holds vocabulary columns
+            [start, stop) of both logits (labels stay global ids); every rank of its
+            group returns the full-vocabulary loss and gets its own columns' gradient
+            (docs/vocab_parallel.md; backend 'torch' or 'triton', 'auto' takes torch).
+            DTensor logits sharded on the last dim imply it.
         backend: 'auto' | 'torch' | 'triton' | 'cuda'.
 
     Returns:
         float32 loss: a scalar, or [...] for reduction='none'.
     """
-    s = check_float_tensor("student_logits", student_logits)
-    t = check_float_tensor("teacher_logits", teacher_logits)
+    vocab_parallel, tens = unwrap_dtensors(vocab_parallel, student_logits=student_logits,
+                                           teacher_logits=teacher_logits, labels=labels)
+    s = check_float_tensor("student_logits", tens["student_logits"])
+    t = check_float_tensor("teacher_logits", tens["teacher_logits"])
+    labels = tens["labels"]
     device = check_same_device(student_logits=s, teacher_logits=t)
+    shards = None
+    if vocab_parallel is not None:
+        vp_be = vocab_parallel_backend(backend, device)  # before any collective
+        shards = check_vocab_parallel(vocab_parallel, "kd_loss", backend,
+                                      (s.shape[-1], t.shape[-1]), math.prod(s.shape[:-1]),
+                                      device)
     prm, v, normalizer = prepare_kd_args(
-        s, t, labels, divergence=divergence, beta=beta, alpha=alpha, taid_t=taid_t,
+        global_shape(s, shards), global_shape(t, shards), labels, divergence=divergence,
+        beta=beta, alpha=alpha, taid_t=taid_t,
         temperature=temperature, ignore_index=ignore_index, reduction=reduction,
         normalizer=normalizer, hard_label_weight=hard_label_weight,
         soft_label_weight=soft_label_weight, vocab_mismatch=vocab_mismatch,
     )
+    if shards is not None:
+        return row_loss(KDVocabParallelFunction, kd_fwd_vocab_parallel, s, labels,
+                        as_rows(t.detach()), prm, shards, reduction=reduction,
+                        normalizer=normalizer, ignore_index=prm.ignore_index, backend=vp_be)
     be = KD_FWD.resolve(backend, device, s_dtype=s.dtype, t_dtype=t.dtype)
     return row_loss(KDLossFunction, kd_fwd, s, labels, as_rows(t.detach()), *prm, v,
                     reduction=reduction, normalizer=normalizer, ignore_index=prm.ignore_index,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple, get_args
 
 import torch
@@ -18,7 +19,9 @@ from .._core.validate import (
     check_row_args,
     check_same_device,
 )
+from ..parallel import VocabParallel, check_vocab_parallel, unwrap_dtensors
 from .ops import TOPK_KD_FWD, topk_kd_fwd
+from .parallel import topk_kd_fwd_vocab_parallel
 
 TopKDivergence = Literal["forward_kl", "reverse_kl", "jsd"]
 TopKValues = Literal["logits", "logprobs"]
@@ -32,6 +35,7 @@ _LOGPROB_SLACK = 1e-2
 # Forward computes the per-row losses and (if needed) the scaled gradient in one pass over
 # the rows; backward only rescales the stored gradient by the upstream gradient.
 TopKKDFunction = row_loss_function("topk_kd_loss", topk_kd_fwd)
+TopKVocabParallelFunction = row_loss_function("topk_kd_loss", topk_kd_fwd_vocab_parallel)
 
 
 def _check_indices(idx: torch.Tensor, v: int) -> None:
@@ -169,6 +173,7 @@ def topk_kd_loss(
     ignore_index: int = -100,
     reduction: Reduction = "mean",
     normalizer: float | torch.Tensor | None = None,
+    vocab_parallel: VocabParallel | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Distillation from a teacher's stored top-k entries (docs/spec.md §5).
@@ -196,20 +201,39 @@ def topk_kd_loss(
         reduction: 'none' ([...] float32 per-row losses, 0 at ignored rows) | 'sum' | 'mean'.
         normalizer: denominator of 'mean' (positive number or 0-dim tensor), default the
             number of valid rows (at least 1).
+        vocab_parallel: a `VocabParallel`: this rank holds student columns
+            [start, stop) (the indices stay global ids); every rank of its group returns
+            the full-vocabulary loss and gets its own columns' gradient
+            (docs/vocab_parallel.md; backend 'torch' only). DTensor student logits
+            sharded on the last dim imply it.
         backend: 'auto' | 'torch' | 'triton' | 'cuda' ('auto' takes torch; triton and
             cuda only when asked for; cuda takes fp16/bf16/fp32 student logits).
 
     Returns:
         float32 loss: a scalar, or [...] for reduction='none'.
     """
-    s = check_float_tensor("student_logits", student_logits)
-    idx, vals = check_topk_tensors(teacher_topk_indices, teacher_topk_values)
+    vocab_parallel, tens = unwrap_dtensors(
+        vocab_parallel, student_logits=student_logits, teacher_topk_indices=teacher_topk_indices,
+        teacher_topk_values=teacher_topk_values, labels=labels)
+    s = check_float_tensor("student_logits", tens["student_logits"])
+    idx, vals = check_topk_tensors(tens["teacher_topk_indices"], tens["teacher_topk_values"])
+    labels = tens["labels"]
     device = check_same_device(student_logits=s, teacher_topk_indices=idx,
                                teacher_topk_values=vals)
+    shards, v = None, s.shape[-1]
+    if vocab_parallel is not None:
+        shards = check_vocab_parallel(vocab_parallel, "topk_kd_loss", backend, (v,),
+                                      math.prod(s.shape[:-1]), device)
+        v = shards.v
     a = prepare_topk_args(
-        s.shape[:-1], s.shape[-1], device, idx, vals, labels, values=values, tail=tail,
+        s.shape[:-1], v, device, idx, vals, labels, values=values, tail=tail,
         divergence=divergence, beta=beta, temperature=temperature, ignore_index=ignore_index,
         reduction=reduction, normalizer=normalizer)
+    if shards is not None:
+        return row_loss(TopKVocabParallelFunction, topk_kd_fwd_vocab_parallel, s, labels,
+                        a.idx, a.vals, a.code, a.beta, a.inv_temp, a.logprobs, a.bucket,
+                        a.ignore_index, shards, reduction=reduction, normalizer=a.normalizer,
+                        ignore_index=a.ignore_index, backend="torch")
     be = TOPK_KD_FWD.resolve(backend, device, **topk_facts(s.dtype, a))
     return row_loss(TopKKDFunction, topk_kd_fwd, s, labels, a.idx, a.vals, a.code, a.beta,
                     a.inv_temp, a.logprobs, a.bucket, a.ignore_index, reduction=reduction,
