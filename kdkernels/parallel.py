@@ -134,8 +134,9 @@ def check_vocab_parallel(vp, op: str, backend, widths: tuple[int, ...], rows: in
                 f"stop - start = {vp.stop} - {vp.start} = {vp.width}, got {w}"
             )
     name, _ = requested(backend)
-    if name == "cuda" or (name == "triton" and op != "kd_loss"):
-        have = "'torch' and (for kd_loss) 'triton'" if name == "cuda" else "'torch'"
+    if name == "cuda" or (name == "triton" and op not in ("kd_loss", "topk_kd_loss")):
+        have = ("'torch' and (for kd_loss, topk_kd_loss) 'triton'" if name == "cuda"
+                else "'torch'")
         raise BackendUnavailableError(
             f"{op}: backend={name!r} cannot run with vocab_parallel: the two-phase "
             f"vocabulary-parallel kernels of this op exist only for backend={have} so far "

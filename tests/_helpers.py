@@ -69,3 +69,25 @@ def assert_launched(fn, *names: str, absent: tuple[str, ...] = ()) -> list[str]:
     for name in absent:
         assert not any(name in k for k in launched), f"{name} launched: {launched}"
     return launched
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a gloo rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn_ranks(worker, nprocs: int, *args) -> None:
+    """Run worker(rank, port, *args) on `nprocs` processes (mp.spawn), port a fresh
+    rendezvous port for the gloo process group. A launch whose process is killed
+    by a signal (e.g. gloo aborting while the machine is overloaded) is retried once with
+    a new port; a Python exception in a worker is never retried (it is the test failing)."""
+    import torch.multiprocessing as mp
+
+    try:
+        mp.spawn(worker, args=(free_port(), *args), nprocs=nprocs)
+    except mp.ProcessExitedException:
+        mp.spawn(worker, args=(free_port(), *args), nprocs=nprocs)

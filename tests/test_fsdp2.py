@@ -9,13 +9,12 @@ one unsharded model over the whole batch and compares.
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _helpers import spawn_ranks
 from torch import nn
 
 import kdkernels
@@ -248,19 +247,13 @@ def _worker(rank, port, path):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     pytest.importorskip("torch.distributed.fsdp")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     path = os.fspath(tmp_path_factory.mktemp("fsdp2") / "rank0.pt")
-    mp.spawn(_worker, args=(_free_port(), path), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, WORLD, path)
     return torch.load(path, weights_only=False)
 
 

@@ -230,3 +230,18 @@ def test_sinkhorn_loss_nan_propagates():
     s, t = torch.randn(2, 3, V), torch.randn(2, 3, V)
     s[1, 0, 4] = nan
     assert math.isnan(K.sinkhorn_loss(s, t, n_iters=3))
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_topk_kd_ignored_row_nan_never_reaches_the_gradient(tail):
+    s = torch.randn(4, V, dtype=torch.float64) * 3
+    t = torch.randn(4, V, dtype=torch.float64)
+    vals, idx = t.log_softmax(-1).topk(5, -1)
+    unselected = [c for c in range(V) if c not in idx[1].tolist()][0]
+    s[1, unselected] = nan  # an ignored row: at an unselected class and a selected one
+    s[1, idx[1, 0]] = inf
+    y = torch.tensor([1, -100, 2, 3])
+    x = s.clone().requires_grad_()
+    K.topk_kd_loss(x, idx, vals, y, values="logprobs", tail=tail).backward()
+    assert torch.equal(x.grad[1], torch.zeros(V, dtype=torch.float64))
+    assert torch.isfinite(x.grad).all()

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _helpers import spawn_ranks
 
 import kdkernels as K
 from kdkernels.parallel import count_bytes
@@ -293,17 +292,15 @@ def _worker(rank, world, port, path):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _worker_at(rank, port, world, path):
+    _worker(rank, world, port, path)
 
 
 @pytest.fixture(scope="module", params=[2, 3])
 def results(request, tmp_path_factory):
     world = request.param
     path = str(tmp_path_factory.mktemp("vp") / "out")
-    mp.spawn(_worker, args=(world, _free_port(), path), nprocs=world)
+    spawn_ranks(_worker_at, world, world, path)
     res = []
     for r in range(world):
         with open(f"{path}.{r}") as f:

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _helpers import spawn_ranks
 
 import kdkernels as K
 
@@ -211,16 +210,14 @@ def _worker(rank, world, port, path):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _worker_at(rank, port, world, path):
+    _worker(rank, world, port, path)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("vpt") / "out")
-    mp.spawn(_worker, args=(len(BOUNDS), _free_port(), path), nprocs=len(BOUNDS))
+    spawn_ranks(_worker_at, len(BOUNDS), len(BOUNDS), path)
     res = []
     for r in range(len(BOUNDS)):
         with open(f"{path}.{r}") as f:

@@ -74,7 +74,8 @@ def kd_variants():
 # (name, jit function, signature, constexprs, num_warps) like kd_variants above.
 VARIANT_MODULES = ("kdkernels.pld.triton", "kdkernels.topk.triton",
                    "kdkernels.sinkhorn.cost_triton", "kdkernels.graph.triton",
-                   "kdkernels.sinkhorn.triton", "kdkernels.kd.parallel_triton")
+                   "kdkernels.sinkhorn.triton", "kdkernels.kd.parallel_triton",
+                   "kdkernels.topk.parallel_triton")
 
 
 def all_variants():

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from . import cpumem
+from . import cpumem, vocabpar
 from .cases import provider_matches, select_cases
 from .floors import measure_floors
 from .model import MODES, parse_dtype
@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", help="comma-separated op names (kd.jsd), families (kd, fused_linear, "
                    "pld, sinkhorn, topk, graph) or shell patterns; 'cpu-memory' or "
                    "'cpu-memory:PATTERN' adds the fresh-process memory group (default: all ops, "
-                   "plus cpu-memory when the device is a CPU)")
+                   "plus cpu-memory when the device is a CPU); 'vocab-parallel' or "
+                   "'vocab-parallel:PATTERN' adds the 2-rank communication group (only "
+                   "on request)")
     p.add_argument("--shapes", help="a preset: cpu|small, gpu|llm, tiny (append ':base' to skip "
                    "the sweeps), or overrides of each op's base shape such as "
                    "'N=4096,V=32000;N=8192,V=32000' (default: the preset for the device)")
@@ -121,19 +123,20 @@ class _Progress:
 
 
 def _ops_split(ops: list[str] | None, device: torch.device):
-    """(timing op patterns or None = all, cpu-memory patterns or None = skip, [] = all)."""
+    """(timing op patterns or None = all, cpu-memory patterns, vocab-parallel patterns);
+    for each group None = skip, [] = all. vocab-parallel runs only on request."""
     if ops is None:
-        return None, ([] if device.type == "cpu" else None)
-    timing, mem = [], None
+        return None, ([] if device.type == "cpu" else None), None
+    timing, groups = [], {"cpu-memory": None, "vocab-parallel": None}
     for o in ops:
-        if o == "cpu-memory" or o.startswith("cpu-memory:"):
-            mem = mem if mem is not None else []
-            pat = o.partition(":")[2]
+        name, _, pat = o.partition(":")
+        if name in groups:
+            groups[name] = groups[name] if groups[name] is not None else []
             if pat:
-                mem.append(pat)
+                groups[name].append(pat)
         else:
             timing.append(o)
-    return timing, mem
+    return timing, groups["cpu-memory"], groups["vocab-parallel"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         dtypes = [parse_dtype(d) for d in _split(args.dtypes)] if args.dtypes else None
-        op_pats, mem_pats = _ops_split(_split(args.ops), device)
+        op_pats, mem_pats, vp_pats = _ops_split(_split(args.ops), device)
         cases = select_cases(device, ops=op_pats, providers=_split(args.providers),
                              shapes=args.shapes, modes=modes, dtypes=dtypes) \
             if op_pats is None or op_pats else []
@@ -165,12 +168,19 @@ def main(argv: list[str] | None = None) -> int:
     mem_cases = cpumem.select(mem_pats) if mem_pats is not None else []
     if args.providers and mem_cases:
         mem_cases = [c for c in mem_cases if provider_matches(c.provider, _split(args.providers))]
+    vp_tiny = (args.shapes or "").startswith("tiny")
+    vp_cases = vocabpar.select(vp_pats, vp_tiny) if vp_pats is not None else []
+    if args.providers and not provider_matches(vocabpar.PROVIDER, _split(args.providers)):
+        vp_cases = []
     if args.list:
         for c in cases:
             print(c.label())
         for c in mem_cases:
             print(f"cpu-memory {c.id} {c.shape}")
-        print(f"{len(cases)} timing cases, {len(mem_cases)} cpu-memory cases")
+        for c in vp_cases:
+            print(f"vocab-parallel {c.id} {c.shape} V={c.vocabs[0]},{c.vocabs[1]}")
+        print(f"{len(cases)} timing cases, {len(mem_cases)} cpu-memory cases, "
+              f"{len(vp_cases)} vocab-parallel cases")
         return 0
 
     now = _dt.datetime.now(_dt.timezone.utc)
@@ -185,20 +195,22 @@ def main(argv: list[str] | None = None) -> int:
     deadline = t_start + budget if budget and budget > 0 else None
     target = args.target_time or (0.5 if device.type == "cuda" else 0.2)
 
-    progress = _Progress(len(cases) + len(mem_cases), args.quiet)
+    progress = _Progress(len(cases) + len(mem_cases) + len(vp_cases), args.quiet)
     progress.set_postfix_str("measuring the floor", refresh=True)
     floors = measure_floors(device, quick=(args.shapes or "").startswith("tiny"))
     runner = Runner(device, floors, target_s=target, min_reps=5 if device.type == "cuda" else 3,
                     max_reps=100 if device.type == "cuda" else 20,
                     say=lambda text: progress.set_postfix_str(text, refresh=True))
     mem_results: list = []
+    vp_results: list = []
 
-    def run_memory_group():
+    def run_groups():
         mem_results.extend(cpumem.run_all(mem_cases, progress))
+        vp_results.extend(vocabpar.run_all(vp_cases, vp_tiny, vp_pats, progress=progress))
 
     try:
         results = run_cases(cases, runner, deadline=deadline, progress=progress,
-                            between=run_memory_group if mem_cases else None)
+                            between=run_groups if mem_cases or vp_cases else None)
     finally:
         progress.close()
     meta = {
@@ -212,9 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     csv_path = os.path.join(out, "results.csv")
     md_path = os.path.join(out, "results.md")
-    write_csv(csv_path, meta, floors, results, mem_results)
+    write_csv(csv_path, meta, floors, results, mem_results, vp_results)
     plots = [] if args.no_plots else write_plots(os.path.join(out, "plots"), results)
-    md = markdown(meta, floors, results, mem_results)
+    md = markdown(meta, floors, results, mem_results, vp_results)
     if plots:
         md += "\n## Plots\n\n" + "\n".join(
             f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots) + "\n"
@@ -229,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     n_cut = sum(r.cut_by_budget for r in results)
     print(f"{n_ok}/{len(results)} timing cases measured"
           + (f" ({n_cut} cut by the {budget:g} s time budget)" if n_cut else "")
-          + f", {len(mem_results)} cpu-memory cases; "
+          + f", {len(mem_results)} cpu-memory cases, {len(vp_results)} vocab-parallel cases; "
           f"{time.monotonic() - t_start:.0f} s. Wrote {csv_path}, {md_path}"
           + (f", {len(plots)} plots in {os.path.join(out, 'plots')}" if plots else ""))
     return 0

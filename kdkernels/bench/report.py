@@ -4,13 +4,18 @@ CSV (`results.csv`): one row per (case, metric), every row stamped with the date
 device, and the versions, so files from different runs concatenate:
     date, device, device_type, versions, group, op, mode, provider, shape, dtype,
     metric, value, unit, status, note
-groups: `floor` (copy bandwidth, GEMM throughput), `timing` (the suite), `cpu-memory`.
+groups: `floor` (copy bandwidth, GEMM throughput), `timing` (the suite), `cpu-memory`,
+`vocab-parallel`.
 metrics, timing: time_median, time_q25, time_q75, time_iqr, time_min (ms, warm-up
 excluded), reps, first_call (s, compile only), peak_memory (MiB allocated during one call
 above what existed before), bytes and flops (what the op must move / compute), floor (ms),
 time_over_floor, case_wall (s the case took in the run). cpu-memory: peak_delta (MiB of
 peak RSS above the inputs), grad, inputs, ratio_to_grad, bound, time_median (s),
-time_vs_eager, pass (1/0). A case that did not run has one `status` row saying why.
+time_vs_eager, pass (1/0). vocab-parallel (one shape per vocabulary size): bytes_per_step
+(B all-reduced per rank per forward+backward step, the largest over the ranks),
+bytes_per_row, allreduce_calls, time_rank<r> (s per step on rank r); on the larger V's
+shape also bytes_ratio (larger V ÷ smaller V: 1 when the bytes do not depend on V) and
+pass (1/0). A case that did not run has one `status` row saying why.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from .cpumem import MemResult
 from .floors import Floors
 from .model import MODES, shape_str
 from .runner import BUDGET_NOTE, Result
+from .vocabpar import PROVIDER, WORLD, VPResult
 
 MIB = float(1 << 20)
 CSV_FIELDS = ("date", "device", "device_type", "versions", "group", "op", "mode", "provider",
@@ -58,7 +64,7 @@ def _fmt_ratio(x: float) -> str:
 
 
 def write_csv(path: str, meta: dict, floors: Floors, results: list[Result],
-              mem: list[MemResult]) -> None:
+              mem: list[MemResult], vp: list[VPResult] | None = None) -> None:
     stamp = {
         "date": meta["date"],
         "device": meta["device"],
@@ -117,6 +123,27 @@ def write_csv(path: str, meta: dict, floors: Floors, results: list[Result],
             add(*base, f"time_vs_{c.compare}", m.time_vs_compare, "x")
         if m.passed is not None:
             add(*base, "pass", 1.0 if m.passed else 0.0, "bool")
+    for r in vp or []:
+        c = r.case
+        prov = _vp_provider(r)
+        for v in c.vocabs:
+            base = ("vocab-parallel", c.op, "forward+backward", prov, shape_str(c.shape_at(v)),
+                    "float32")
+            if r.status != "ok":
+                add(*base, "status", None, "", r.status, r.note)
+                continue
+            add(*base, "bytes_per_step", max(r.bytes[str(v)]), "B",
+                note="all-reduced per rank per forward+backward step "
+                     f"(ranks: {', '.join(map(str, r.bytes[str(v)]))})")
+            add(*base, "bytes_per_row", max(r.bytes[str(v)]) / c.shape["N"], "B")
+            add(*base, "allreduce_calls", max(r.calls[str(v)]), "calls")
+            for rank, t in enumerate(r.times[str(v)]):
+                add(*base, f"time_rank{rank}", t, "s",
+                    note=f"median of {c.reps} step(s) after 1 warm-up")
+            if v == c.vocabs[-1]:
+                add(*base, "bytes_ratio", r.ratio, "x", note=f"V={v} ÷ V={c.vocabs[0]}")
+                add(*base, "pass", 1.0 if r.passed else 0.0, "bool",
+                    note="bytes independent of V (and equal on every rank)")
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
@@ -124,6 +151,50 @@ def write_csv(path: str, meta: dict, floors: Floors, results: list[Result],
 
 
 # -- markdown --------------------------------------------------------------------------
+
+
+def _vp_provider(r: VPResult) -> str:
+    """The provider column of a vocab-parallel row: our torch backend, the collective
+    backend and the number of ranks (kdkernels[torch] gloo×2)."""
+    return f"{PROVIDER} {r.backend}×{WORLD}"
+
+
+def _fmt_bytes(b: float) -> str:
+    """Exact byte counts (the vocab-parallel check compares them exactly)."""
+    return "–" if b != b else f"{b:,.0f} B"
+
+
+def _rank_times(r: VPResult, v: int) -> str:
+    return " / ".join(_fmt_time(t) for t in r.rank_times(v))
+
+
+def vocab_parallel_lines(vp: list[VPResult]) -> list[str]:
+    """The markdown section of the vocab-parallel group ([] when it did not run)."""
+    if not vp:
+        return []
+    lines = ["", "## vocab-parallel: bytes communicated per step", "",
+             "forward+backward with `vocab_parallel=` on 2 ranks (each holds V/2 columns), "
+             "float32 inputs; bytes all-reduced per rank per step "
+             "(`kdkernels.parallel.count_bytes()`), at two vocabulary sizes; time per step "
+             "on each rank (median). Check: the bytes are the same at both V (O(N)).", "",
+             "| op | provider | shape | V | bytes / step / rank | bytes / row | ratio | "
+             "time / step / rank | check |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in vp:
+        c = r.case
+        small, large = c.vocabs
+        shp = shape_str(c.shape)
+        if r.status != "ok":
+            lines.append(f"| {c.op} | kdkernels[torch] | {shp} | {small} → {large} | "
+                         f"{r.status}: {r.note.replace('|', '/')} | | | | |")
+            continue
+
+        check = {True: "PASS", False: "**FAIL**", None: ""}[r.passed]
+        lines.append(
+            f"| {c.op} | {_vp_provider(r)} | {shp} | {small} → {large} | "
+            f"{_fmt_bytes(r.step_bytes(small))} → {_fmt_bytes(r.step_bytes(large))} | "
+            f"{r.bytes_per_row(small):g} → {r.bytes_per_row(large):g} | {r.ratio:.3g} | "
+            f"{_rank_times(r, small)} → {_rank_times(r, large)} | {check} |")
+    return lines
 
 
 def _cell(r: Result) -> str:
@@ -172,7 +243,8 @@ def summary_rows(results: list[Result]) -> list[Result]:
     return out
 
 
-def markdown(meta: dict, floors: Floors, results: list[Result], mem: list[MemResult]) -> str:
+def markdown(meta: dict, floors: Floors, results: list[Result], mem: list[MemResult],
+             vp: list[VPResult] | None = None) -> str:
     v = meta["versions"]
     lines = [
         "# kdkernels benchmark",
@@ -220,6 +292,7 @@ def markdown(meta: dict, floors: Floors, results: list[Result], mem: list[MemRes
                 f"| {c.op} | {c.provider} | {shape_str(c.shape)} | {_fmt_mib(m.peak_delta)} | "
                 f"{_fmt_mib(m.grad_bytes)} | {m.ratio_to_grad:.3f} | {c.bound_text()} | "
                 f"{_fmt_time(m.time_s)} | {vs} | {check} |")
+    lines += vocab_parallel_lines(vp or [])
     ops = list(OrderedDict.fromkeys(r.op for r in results))
     if ops:
         lines += ["", "## All results", ""]

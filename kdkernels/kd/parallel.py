@@ -203,8 +203,9 @@ def kd_fwd_vocab_parallel(s, scale, loss_out, grad_out, backend, labels, t, prm:
         grad_out[r0:r1] = out
 
 
-def vocab_parallel_backend(backend, device) -> str:
-    """The backend vocabulary-parallel `kd_loss` runs: 'torch' or 'triton'.
+def vocab_parallel_backend(backend, device, op: str = "kd_loss") -> str:
+    """The backend vocabulary-parallel `kd_loss` (or `topk_kd_loss`, `op`) runs: 'torch'
+    or 'triton'.
 
     'auto' (and KDKERNELS_BACKEND=auto) takes 'torch' on every device; an explicit
     'triton' runs where the triton backend can (CUDA tensors, or TRITON_INTERPRET=1 on
@@ -213,12 +214,12 @@ def vocab_parallel_backend(backend, device) -> str:
     name, _ = requested(backend)
     if name == "cuda":
         raise BackendUnavailableError(
-            "kd_loss: backend='cuda' cannot run with vocab_parallel: the two-phase "
+            f"{op}: backend='cuda' cannot run with vocab_parallel: the two-phase "
             "vocabulary-parallel kernels exist for backend='torch' and 'triton' only"
         )
     if name == "triton":
         why = device_reason("triton", device)
         if why is not None:
-            raise BackendUnavailableError(f"kd_loss with vocab_parallel: {why}")
+            raise BackendUnavailableError(f"{op} with vocab_parallel: {why}")
         return "triton"
     return "torch"

@@ -19,6 +19,7 @@ from .._core.validate import (
     check_row_args,
     check_same_device,
 )
+from ..kd.parallel import vocab_parallel_backend
 from ..parallel import VocabParallel, check_vocab_parallel, unwrap_dtensors
 from .ops import TOPK_KD_FWD, topk_kd_fwd
 from .parallel import topk_kd_fwd_vocab_parallel
@@ -204,8 +205,8 @@ def topk_kd_loss(
         vocab_parallel: a `VocabParallel`: this rank holds student columns
             [start, stop) (the indices stay global ids); every rank of its group returns
             the full-vocabulary loss and gets its own columns' gradient
-            (docs/vocab_parallel.md; backend 'torch' only). DTensor student logits
-            sharded on the last dim imply it.
+            (docs/vocab_parallel.md; backend 'torch', or 'triton' when asked for).
+            DTensor student logits sharded on the last dim imply it.
         backend: 'auto' | 'torch' | 'triton' | 'cuda' ('auto' takes torch; triton and
             cuda only when asked for; cuda takes fp16/bf16/fp32 student logits).
 
@@ -222,6 +223,7 @@ def topk_kd_loss(
                                teacher_topk_values=vals)
     shards, v = None, s.shape[-1]
     if vocab_parallel is not None:
+        vp_be = vocab_parallel_backend(backend, device, "topk_kd_loss")  # before collectives
         shards = check_vocab_parallel(vocab_parallel, "topk_kd_loss", backend, (v,),
                                       math.prod(s.shape[:-1]), device)
         v = shards.v
@@ -233,7 +235,7 @@ def topk_kd_loss(
         return row_loss(TopKVocabParallelFunction, topk_kd_fwd_vocab_parallel, s, labels,
                         a.idx, a.vals, a.code, a.beta, a.inv_temp, a.logprobs, a.bucket,
                         a.ignore_index, shards, reduction=reduction, normalizer=a.normalizer,
-                        ignore_index=a.ignore_index, backend="torch")
+                        ignore_index=a.ignore_index, backend=vp_be)
     be = TOPK_KD_FWD.resolve(backend, device, **topk_facts(s.dtype, a))
     return row_loss(TopKKDFunction, topk_kd_fwd, s, labels, a.idx, a.vals, a.code, a.beta,
                     a.inv_temp, a.logprobs, a.bucket, a.ignore_index, reduction=reduction,

@@ -167,6 +167,8 @@ def topk_kd_fwd_torch(s, scale, loss_out, grad_out, labels, idx, vals, code: int
             # (an empty or all -inf tail has a = -inf everywhere: exp gives 0)
             g = a.sub_(lse_tail.clamp_min(torch.finfo(f64).min)).exp_().mul_(r[:, -1:])
             g.scatter_add_(1, ix, r[:, :-1].masked_fill(pad, 0.0))
+            if valid is not None:  # a fill: an ignored row's NaN logit times r = 0 is NaN
+                g.masked_fill_(~valid.unsqueeze(1), 0.0)
             grad_out[r0:r1] = g
         else:
             blk = grad_out[r0:r1]
