@@ -91,3 +91,37 @@ def spawn_ranks(worker, nprocs: int, *args) -> None:
         mp.spawn(worker, args=(free_port(), *args), nprocs=nprocs)
     except mp.ProcessExitedException:
         mp.spawn(worker, args=(free_port(), *args), nprocs=nprocs)
+
+
+def _rank_main(rank, port, world, path, cases, extra):
+    """One rank of run_ranks: a gloo group, every case(rank, *extra, out), out as JSON."""
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    torch.set_num_threads(1)
+    out = {}
+    try:
+        for case in cases:
+            case(rank, *extra, out)
+    finally:
+        with open(f"{path}.{rank}", "w") as f:
+            json.dump(out, f)
+        dist.destroy_process_group()
+
+
+def run_ranks(cases, world: int, tmp_dir, *extra) -> list[dict]:
+    """Run module-level case functions case(rank, *extra, out) on `world` gloo ranks (one
+    launch for all of them: process start-up dominates) and return each rank's `out`."""
+    import json
+    import os
+
+    path = os.path.join(os.fspath(tmp_dir), "out")
+    spawn_ranks(_rank_main, world, world, path, tuple(cases), extra)
+    res = []
+    for r in range(world):
+        with open(f"{path}.{r}") as f:
+            res.append(json.load(f))
+    return res

@@ -5,13 +5,12 @@ writes its measured errors to a file that the test then checks."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 import torch.distributed as dist
-from _helpers import spawn_ranks
+from _helpers import run_ranks
 
 import kdkernels as K
 from kdkernels.parallel import count_bytes
@@ -276,36 +275,12 @@ def _error_cases(rank, bounds, out):
     out["errors"] = msgs
 
 
-def _worker(rank, world, port, path):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    torch.set_num_threads(1)
-    out = {}
-    try:
-        bounds = _bounds(world)
-        for case in (_kd_cases, _nonfinite_cases, _topk_cases, _dtensor_cases, _bytes_cases,
-                     _error_cases):
-            case(rank, bounds, out)
-    finally:
-        with open(f"{path}.{rank}", "w") as f:
-            json.dump(out, f)
-        dist.destroy_process_group()
-
-
-def _worker_at(rank, port, world, path):
-    _worker(rank, world, port, path)
-
-
 @pytest.fixture(scope="module", params=[2, 3])
 def results(request, tmp_path_factory):
     world = request.param
-    path = str(tmp_path_factory.mktemp("vp") / "out")
-    spawn_ranks(_worker_at, world, world, path)
-    res = []
-    for r in range(world):
-        with open(f"{path}.{r}") as f:
-            res.append(json.load(f))
-    return res
+    cases = (_kd_cases, _nonfinite_cases, _topk_cases, _dtensor_cases, _bytes_cases,
+             _error_cases)
+    return run_ranks(cases, world, tmp_path_factory.mktemp("vp"), _bounds(world))
 
 
 def test_kd_loss_matches_single_process(results):

@@ -7,14 +7,13 @@ kernels under TRITON_INTERPRET=1 (small shapes)."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import pytest
 import torch
 import torch.distributed as dist
-from _helpers import spawn_ranks
+from _helpers import run_ranks
 
 import kdkernels as K
 
@@ -194,35 +193,11 @@ def _bytes_and_errors(rank, out):
     out["misc"] = res
 
 
-def _worker(rank, world, port, path):
-    if not torch.cuda.is_available():  # before any Triton kernel is defined
-        os.environ["TRITON_INTERPRET"] = "1"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    torch.set_num_threads(1)
-    out = {}
-    try:
-        for case in (_cases, _nonfinite_cases, _bytes_and_errors):
-            case(rank, out)
-    finally:
-        with open(f"{path}.{rank}", "w") as f:
-            json.dump(out, f)
-        dist.destroy_process_group()
-
-
-def _worker_at(rank, port, world, path):
-    _worker(rank, world, port, path)
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("vpt") / "out")
-    spawn_ranks(_worker_at, len(BOUNDS), len(BOUNDS), path)
-    res = []
-    for r in range(len(BOUNDS)):
-        with open(f"{path}.{r}") as f:
-            res.append(json.load(f))
-    return res
+    # (the workers import this module, which sets TRITON_INTERPRET before Triton loads)
+    return run_ranks((_cases, _nonfinite_cases, _bytes_and_errors), len(BOUNDS),
+                     tmp_path_factory.mktemp("vpt"))
 
 
 def test_triton_matches_single_process_torch(results):
