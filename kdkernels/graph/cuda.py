@@ -15,7 +15,7 @@ Same stages and contract as the Triton backend (triton.py):
            written once.
 
 Float32 arithmetic in the row kernels (float64 in the group kernels); float32, float16 or
-bfloat16 logits and k <= 256 (ops.cuda_unsupported_reason refuses the others before any
+bfloat16 logits and k <= 256 (ops.unsupported_reason refuses the others before any
 kernel runs). No host
 synchronisation anywhere.
 """

@@ -17,29 +17,31 @@ from .._core.customop import custom_op
 from .._core.rowgrad import refuse_double_backward
 from .pytorch import graph_on_logits_loss_torch, topk_logit_graph_torch
 
-TRITON_MAX_K = 256  # the row kernels' top-k is topk_select's network (select/triton.py MAX_K)
+# Both GPU backends rank rows with topk_select's kernels (select/triton.py and csrc/topk.cu
+# take k <= 256) and compute in float32.
+TRITON_MAX_K = 256
 
 
-def triton_unsupported_reason(k: int, *dtypes: torch.dtype) -> str | None:
-    """None when the Triton graph kernels take logits of these dtypes and this k, else why
-    not (and what to do)."""
+def unsupported_reason(backend: str, k: int, *dtypes: torch.dtype) -> str | None:
+    """None when the `backend` ('triton' or 'cuda') graph kernels take logits of these
+    dtypes and this k, else why not (and what to do)."""
     for dtype in dtypes:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            return (f"the triton graph kernels take float32, float16 or bfloat16 logits, got "
-                    f"{dtype}; use backend='torch' (float64 included)")
+            return (f"the {backend} graph kernels take float32, float16 or bfloat16 logits, "
+                    f"got {dtype}; use backend='torch' (float64 included)")
     if k > TRITON_MAX_K:
-        return (f"the triton graph kernels support k <= {TRITON_MAX_K}, got k={k}; "
+        return (f"the {backend} graph kernels support k <= {TRITON_MAX_K}, got k={k}; "
                 "use backend='torch'")
     return None
 
 
-def _refuse(op: str, k: int, *dtypes: torch.dtype) -> None:
+def _refuse(op: str, backend: str, k: int, *dtypes: torch.dtype) -> None:
     # Checked here rather than by a table verifier: a verifier is loaded by import path,
-    # which torch.compile(fullgraph=True) cannot trace. The backend is explicit-only
+    # which torch.compile(fullgraph=True) cannot trace. Both backends are explicit-only
     # (auto=False), so only an explicit request reaches this.
-    why = triton_unsupported_reason(k, *dtypes)
+    why = unsupported_reason(backend, k, *dtypes)
     if why is not None:
-        raise BackendUnavailableError(f"{op}: backend='triton' cannot run: {why}")
+        raise BackendUnavailableError(f"{op}: backend={backend!r} cannot run: {why}")
 
 
 # ------------------------------------------------------------------ topk_logit_graph
@@ -98,7 +100,7 @@ class TopkRowsTriton(torch.autograd.Function):
 
 def topk_logit_graph_triton(z, k: int, inv_temp: float, valid):
     """Same contract as pytorch.topk_logit_graph_torch, on the Triton row kernels."""
-    _refuse("topk_logit_graph", k, z.dtype)
+    _refuse("topk_logit_graph", "triton", k, z.dtype)
     a, idx = TopkRowsTriton.apply(z, k, inv_temp, valid)
     idx = idx.long()
     if valid is not None:
@@ -164,7 +166,7 @@ class GraphLossTriton(torch.autograd.Function):
 
 def graph_on_logits_loss_triton(s, t, k: int, inv_temp: float, valid):
     """Same contract as pytorch.graph_on_logits_loss_torch, on the Triton kernels."""
-    _refuse("graph_on_logits_loss", k, s.dtype, t.dtype)
+    _refuse("graph_on_logits_loss", "triton", k, s.dtype, t.dtype)
     if torch.is_grad_enabled() and s.requires_grad:
         return GraphLossTriton.apply(s, t, k, inv_temp, valid)
     return graph_loss_fwd(s.detach(), t, valid, k, inv_temp, False)[0]
@@ -173,29 +175,6 @@ def graph_on_logits_loss_triton(s, t, k: int, inv_temp: float, valid):
 # ---------------------------------------------------------------------------- cuda
 # The same structure on the CUDA kernels (cuda.py): custom ops whose bodies load the
 # extension, autograd Functions around them, and the refusal of what they cannot take.
-
-
-CUDA_MAX_K = 256  # the row stage's top-k is the CUDA topk_select kernel (k <= 256)
-
-
-def cuda_unsupported_reason(k: int, *dtypes: torch.dtype) -> str | None:
-    """None when the CUDA graph kernels take logits of these dtypes and this k, else why
-    not (and what to do)."""
-    for dtype in dtypes:
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            return (f"the cuda graph kernels take float32, float16 or bfloat16 logits, got "
-                    f"{dtype}; use backend='torch' (float64 included)")
-    if k > CUDA_MAX_K:
-        return (f"the cuda graph kernels support k <= {CUDA_MAX_K}, got k={k}; "
-                "use backend='torch'")
-    return None
-
-
-def _refuse_cuda(op: str, k: int, *dtypes: torch.dtype) -> None:
-    # no import here: torch.compile(fullgraph=True) traces this call
-    why = cuda_unsupported_reason(k, *dtypes)
-    if why is not None:
-        raise BackendUnavailableError(f"{op}: backend='cuda' cannot run: {why}")
 
 
 def _rows_cuda_fake(z, valid, k, inv_temp):
@@ -245,7 +224,7 @@ class TopkRowsCuda(torch.autograd.Function):
 
 def topk_logit_graph_cuda(z, k: int, inv_temp: float, valid):
     """Same contract as pytorch.topk_logit_graph_torch, on the CUDA row kernels."""
-    _refuse_cuda("topk_logit_graph", k, z.dtype)
+    _refuse("topk_logit_graph", "cuda", k, z.dtype)
     a, idx = TopkRowsCuda.apply(z, k, inv_temp, valid)
     idx = idx.long()
     if valid is not None:
@@ -303,7 +282,7 @@ class GraphLossCuda(torch.autograd.Function):
 
 def graph_on_logits_loss_cuda(s, t, k: int, inv_temp: float, valid):
     """Same contract as pytorch.graph_on_logits_loss_torch, on the CUDA kernels."""
-    _refuse_cuda("graph_on_logits_loss", k, s.dtype, t.dtype)
+    _refuse("graph_on_logits_loss", "cuda", k, s.dtype, t.dtype)
     if torch.is_grad_enabled() and s.requires_grad:
         return GraphLossCuda.apply(s, t, k, inv_temp, valid)
     return graph_loss_cuda_fwd(s.detach(), t, valid, k, inv_temp, False)[0]
