@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml setup.py
 	touch $(STAMP)
 
 lint: setup
-	$(BIN)/ruff check kdkernels tests bench
+	$(BIN)/ruff check kdkernels tests bench examples
 
 test: setup lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -135,6 +136,117 @@ kdk::SinkhornArgs sinkhorn_args(std::uintptr_t cost, std::uintptr_t log_a, std::
     return a;
 }
 
+// The vocabulary-parallel kd_loss phases share one argument list (each reads its part).
+template <void (*Launch)(const kdk::KdVpArgs&, cudaStream_t)>
+void kd_vp_call(std::uintptr_t s, std::uintptr_t t, std::uintptr_t labels, bool labels_i64,
+                int64_t stride_l, std::uintptr_t stats, std::uintptr_t piv, std::uintptr_t norm,
+                std::uintptr_t flags, std::uintptr_t part, std::uintptr_t scale,
+                std::uintptr_t grad, int64_t n_rows, int64_t width, int64_t start,
+                int64_t stride_s, int64_t stride_t, int64_t stride_g, int dtype, bool is_double,
+                int div, double inv_temp, double w, double log_w, double log_1mw, double soft_w,
+                double hard_w, int64_t ignore_index, bool use_x, int device,
+                std::uintptr_t stream, double inv_temp_t) {
+    DeviceScope scope(device);
+    kdk::KdVpArgs a{};
+    a.s = ptr<const void*>(s);
+    a.t = ptr<const void*>(t);
+    a.labels = ptr<const void*>(labels);
+    a.stats = ptr<void*>(stats);
+    a.piv = ptr<int*>(piv);
+    a.norm = ptr<const void*>(norm);
+    a.flags = ptr<const int*>(flags);
+    a.part = ptr<void*>(part);
+    a.scale = ptr<const void*>(scale);
+    a.grad = ptr<void*>(grad);
+    a.n_rows = n_rows;
+    a.width = width;
+    a.start = start;
+    a.stride_s = stride_s;
+    a.stride_t = stride_t;
+    a.stride_g = stride_g;
+    a.stride_l = stride_l;
+    a.ignore_index = ignore_index;
+    a.inv_temp = inv_temp;
+    a.inv_temp_t = std::isnan(inv_temp_t) ? inv_temp : inv_temp_t;  // NaN: the student's
+    a.w = w;
+    a.log_w = log_w;
+    a.log_1mw = log_1mw;
+    a.soft_w = soft_w;
+    a.hard_w = hard_w;
+    a.dtype = dtype;
+    a.div = div;
+    a.is_double = is_double;
+    a.has_labels = labels != 0;
+    a.labels_i64 = labels_i64;
+    a.hard = hard_w != 0.0;
+    a.use_x = use_x;
+    Launch(a, stream_of(stream));
+}
+
+template <void (*Launch)(const kdk::KdVpArgs&, cudaStream_t)>
+void def_kd_vp(py::module_& m, const char* name, const char* doc) {
+    m.def(name, &kd_vp_call<Launch>, py::arg("s"), py::arg("t"), py::arg("labels"),
+          py::arg("labels_i64"), py::arg("stride_l"), py::arg("stats"), py::arg("piv"),
+          py::arg("norm"), py::arg("flags"), py::arg("part"), py::arg("scale"), py::arg("grad"),
+          py::arg("n_rows"), py::arg("width"), py::arg("start"), py::arg("stride_s"),
+          py::arg("stride_t"), py::arg("stride_g"), py::arg("dtype"), py::arg("is_double"),
+          py::arg("div"), py::arg("inv_temp"), py::arg("w"), py::arg("log_w"),
+          py::arg("log_1mw"), py::arg("soft_w"), py::arg("hard_w"), py::arg("ignore_index"),
+          py::arg("use_x"), py::arg("device"), py::arg("stream"),
+          py::arg("inv_temp_t") = std::numeric_limits<double>::quiet_NaN(), doc);
+}
+
+// The vocabulary-parallel topk_kd_loss kernels share one argument list too.
+template <void (*Launch)(const kdk::TopkVpArgs&, cudaStream_t)>
+void topk_vp_call(std::uintptr_t s, std::uintptr_t idx, std::uintptr_t labels, bool labels_i64,
+                  int64_t stride_l, std::uintptr_t sel, std::uintptr_t tstat, std::uintptr_t r,
+                  std::uintptr_t tail, std::uintptr_t mode, std::uintptr_t grad, int64_t n_rows,
+                  int64_t width, int64_t k, int64_t start, int64_t stride_s, int64_t stride_i,
+                  int64_t stride_o, int64_t stride_r, int64_t stride_g, int dtype,
+                  bool is_double, double inv_temp, bool bucket, int64_t ignore_index,
+                  int device, std::uintptr_t stream) {
+    DeviceScope scope(device);
+    kdk::TopkVpArgs a{};
+    a.s = ptr<const void*>(s);
+    a.idx = ptr<const int64_t*>(idx);
+    a.labels = ptr<const void*>(labels);
+    a.sel = ptr<double*>(sel);
+    a.tstat = ptr<void*>(tstat);
+    a.r = ptr<const void*>(r);
+    a.tail = ptr<const void*>(tail);
+    a.mode = ptr<const int*>(mode);
+    a.grad = ptr<void*>(grad);
+    a.n_rows = n_rows;
+    a.width = width;
+    a.k = k;
+    a.start = start;
+    a.stride_s = stride_s;
+    a.stride_i = stride_i;
+    a.stride_o = stride_o;
+    a.stride_r = stride_r;
+    a.stride_g = stride_g;
+    a.stride_l = stride_l;
+    a.ignore_index = ignore_index;
+    a.inv_temp = inv_temp;
+    a.dtype = dtype;
+    a.is_double = is_double;
+    a.has_labels = labels != 0;
+    a.labels_i64 = labels_i64;
+    a.bucket = bucket;
+    Launch(a, stream_of(stream));
+}
+
+template <void (*Launch)(const kdk::TopkVpArgs&, cudaStream_t)>
+void def_topk_vp(py::module_& m, const char* name, const char* doc) {
+    m.def(name, &topk_vp_call<Launch>, py::arg("s"), py::arg("idx"), py::arg("labels"),
+          py::arg("labels_i64"), py::arg("stride_l"), py::arg("sel"), py::arg("tstat"),
+          py::arg("r"), py::arg("tail"), py::arg("mode"), py::arg("grad"), py::arg("n_rows"),
+          py::arg("width"), py::arg("k"), py::arg("start"), py::arg("stride_s"),
+          py::arg("stride_i"), py::arg("stride_o"), py::arg("stride_r"), py::arg("stride_g"),
+          py::arg("dtype"), py::arg("is_double"), py::arg("inv_temp"), py::arg("bucket"),
+          py::arg("ignore_index"), py::arg("device"), py::arg("stream"), doc);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(kdkernels_cuda, m) {
@@ -181,7 +293,8 @@ PYBIND11_MODULE(kdkernels_cuda, m) {
            int64_t n_rows, int64_t v, int64_t v_g, int64_t stride_s, int64_t stride_t,
            int64_t stride_g, int dtype, int div, float inv_temp, float w, float log_w,
            float log_1mw, float soft_w, float hard_w, int64_t ignore_index, bool compute_grad,
-           int device, std::uintptr_t stream, int force_path, int force_cluster) {
+           int device, std::uintptr_t stream, int force_path, int force_cluster,
+           float inv_temp_t, int64_t parts_stride) {
             DeviceScope scope(device);
             kdk::KdFwdArgs a{};
             a.s = ptr<const void*>(s);
@@ -199,6 +312,8 @@ PYBIND11_MODULE(kdkernels_cuda, m) {
             a.stride_l = stride_l;
             a.ignore_index = ignore_index;
             a.inv_temp = inv_temp;
+            a.inv_temp_t = std::isnan(inv_temp_t) ? inv_temp : inv_temp_t;  // NaN: the same
+            a.parts_stride = parts_stride;
             a.w = w;
             a.log_w = log_w;
             a.log_1mw = log_1mw;
@@ -223,7 +338,11 @@ PYBIND11_MODULE(kdkernels_cuda, m) {
         py::arg("log_1mw"), py::arg("soft_w"), py::arg("hard_w"), py::arg("ignore_index"),
         py::arg("compute_grad"), py::arg("device"), py::arg("stream"),
         py::arg("force_path") = -1, py::arg("force_cluster") = 0,
-        "kd_loss rows: loss[n] and (compute_grad) grad[n, :v_g]; returns the plan used.");
+        py::arg("inv_temp_t") = std::numeric_limits<float>::quiet_NaN(),
+        py::arg("parts_stride") = 0,
+        "kd_loss rows: loss[n], (compute_grad) grad[n, :v_g] and (parts_stride > 0) the "
+        "addends loss[n + parts_stride], loss[n + 2 parts_stride]; inv_temp_t: the teacher's "
+        "1/τ (NaN: inv_temp); returns the plan used.");
 
     m.def(
         "scale_rows",
@@ -381,6 +500,19 @@ PYBIND11_MODULE(kdkernels_cuda, m) {
         py::arg("ignore_index"), py::arg("compute_grad"), py::arg("device"), py::arg("stream"),
         py::arg("force_path") = -1,
         "topk_kd_loss rows: loss[n] and (compute_grad) grad[n, :v]; returns the plan used.");
+    def_kd_vp<kdk::kd_vp_stats>(
+        m, "kd_vp_stats",
+        "Vocabulary-parallel kd_loss, phase 1: local maxima, sums and pivots -> stats, piv.");
+    def_kd_vp<kdk::kd_vp_partials>(
+        m, "kd_vp_partials",
+        "Vocabulary-parallel kd_loss, phase 2: partial sums with the global normalisers -> part.");
+    def_kd_vp<kdk::kd_vp_grad>(
+        m, "kd_vp_grad", "Vocabulary-parallel kd_loss, phase 3: the local gradient -> grad.");
+    def_topk_vp<kdk::topk_vp_gather>(
+        m, "topk_vp_gather",
+        "Vocabulary-parallel topk_kd_loss: owned logits at the indices -> sel; bucket: tstat.");
+    def_topk_vp<kdk::topk_vp_grad>(
+        m, "topk_vp_grad", "Vocabulary-parallel topk_kd_loss: the local gradient -> grad.");
     m.def(
         "sinkhorn_plan",
         [](int64_t b1, int64_t b2, bool is_double, int device) {

@@ -9,6 +9,7 @@
 
 #include "kdkernels/api.h"
 #include "kdkernels/kd.cuh"
+#include "kdkernels/kd_target.cuh"
 #include "launch_utils.h"
 
 namespace kdk {
@@ -36,6 +37,9 @@ template <typename F> void with_kernel(int div, int dtype, F&& f) {
             case kSkewRev: f(&kd_fwd_kernel<kSkewRev, T>); return;
             case kTvd: f(&kd_fwd_kernel<kTvd, T>); return;
             case kTaid: f(&kd_fwd_kernel<kTaid, T>); return;
+            case kDkd: f(&kd_fwd_kernel_decoupled<kDkd, T>); return;
+            case kNkd: f(&kd_fwd_kernel_decoupled<kNkd, T>); return;
+            case kCosine: f(&kd_fwd_kernel_cosine<kCosine, T>); return;
             default: throw std::invalid_argument("kd_fwd: unknown divergence code " + std::to_string(div));
         }
     };
@@ -161,10 +165,14 @@ KdPlan kd_fwd_plan(int64_t v, int dtype, int div, int device, int force_path, in
 
 void kd_fwd(const KdFwdArgs& p, const KdPlan& plan, cudaStream_t stream) {
     if (p.n_rows < 0) throw std::invalid_argument("kd_fwd: n_rows must be >= 0");
+    if (p.parts_stride != 0 && p.parts_stride < p.n_rows)
+        throw std::invalid_argument("kd_fwd: parts_stride must be 0 or >= n_rows");
     if (p.v < 1 || p.v > INT_MAX - 64) throw std::invalid_argument("kd_fwd: v must be in [1, 2^31 - 64)");
     if (p.compute_grad && (p.v_g < p.v || p.grad == nullptr))
         throw std::invalid_argument("kd_fwd: grad needs v_g >= v columns");
     if (p.hard && !p.has_labels) throw std::invalid_argument("kd_fwd: hard_w != 0 needs labels");
+    if ((p.div == kDkd || p.div == kNkd) && !p.has_labels)
+        throw std::invalid_argument("kd_fwd: dkd and nkd need labels");
     if (p.s == nullptr || p.loss == nullptr || (p.div != kZero && p.t == nullptr) ||
         (p.compute_grad && p.scale == nullptr))
         throw std::invalid_argument("kd_fwd: null pointer");

@@ -8,18 +8,28 @@ from .graph import graph_on_logits_loss, topk_logit_graph
 from .kd import DIVERGENCES, TAIDSchedule, kd_loss
 from .nn import (
     FusedLinearKDLoss,
+    FusedLinearSampledKDLoss,
     FusedLinearTopKKDLoss,
     GraphOnLogitsLoss,
     KDLoss,
     PlackettLuceLoss,
+    SampledKDLoss,
     SinkhornLoss,
     TopKKDLoss,
+    ULDLoss,
 )
 from .parallel import VocabParallel
 from .pld import plackett_luce_loss
+from .sampled import (
+    TeacherSamples,
+    fused_linear_sampled_kd_loss,
+    sample_teacher,
+    sampled_kd_loss,
+)
 from .select import topk_select
 from .sinkhorn import sinkhorn, sinkhorn_loss
 from .topk import TeacherTopK, topk_kd_loss
+from .uld import uld_loss
 
 __all__ = [
     "BackendUnavailableError",
@@ -29,10 +39,14 @@ __all__ = [
     "GraphOnLogitsLoss",
     "KDLoss",
     "PlackettLuceLoss",
+    "SampledKDLoss",
+    "FusedLinearSampledKDLoss",
     "SinkhornLoss",
     "TopKKDLoss",
+    "ULDLoss",
     "TAIDSchedule",
     "TeacherTopK",
+    "TeacherSamples",
     "VocabParallel",
     "fused_linear_kd_loss",
     "fused_linear_topk_kd_loss",
@@ -40,10 +54,14 @@ __all__ = [
     "graph_on_logits_loss",
     "kd_loss",
     "plackett_luce_loss",
+    "sample_teacher",
+    "sampled_kd_loss",
+    "fused_linear_sampled_kd_loss",
     "sinkhorn",
     "sinkhorn_loss",
     "topk_logit_graph",
     "topk_kd_loss",
     "topk_select",
+    "uld_loss",
     "__version__",
 ]

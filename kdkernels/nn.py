@@ -16,8 +16,10 @@ from .fused_linear import fused_linear_kd_loss, fused_linear_topk_kd_loss
 from .graph import graph_on_logits_loss
 from .kd import kd_loss
 from .pld import plackett_luce_loss
+from .sampled import fused_linear_sampled_kd_loss, sampled_kd_loss
 from .sinkhorn import sinkhorn_loss
 from .topk import topk_kd_loss
+from .uld import uld_loss
 
 
 class _LossModule(torch.nn.Module):
@@ -63,7 +65,7 @@ class KDLoss(_LossModule):
     """Module form of `kd_loss`.
 
     forward(student_logits [..., V_s], teacher_logits [..., V_t], labels [...] | None,
-    normalizer=None) -> float32 loss.
+    normalizer=None) -> float32 loss ((total, soft, hard) with return_components=True).
     """
 
     function = staticmethod(kd_loss)
@@ -78,17 +80,20 @@ class FusedLinearKDLoss(_LossModule):
 
     forward(student_hidden [..., H_s], student_weight [V_s, H_s], teacher_hidden [..., H_t],
     teacher_weight [V_t, H_t], labels [...] | None, student_bias [V_s] | None,
-    teacher_bias [V_t] | None, normalizer=None) -> float32 loss.
+    teacher_bias [V_t] | None, normalizer=None, teacher_logits=None) -> float32 loss.
+    A stored teacher instead of the head: forward(student_hidden, student_weight,
+    labels=labels, teacher_logits=T [..., V_t]) (`teacher_values` at construction).
     """
 
     function = staticmethod(fused_linear_kd_loss)
-    call_time = ("student_bias", "teacher_bias", "normalizer")
+    call_time = ("student_bias", "teacher_bias", "normalizer", "teacher_logits")
 
-    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight,
-                labels=None, student_bias=None, teacher_bias=None, normalizer=None):
+    def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
+                labels=None, student_bias=None, teacher_bias=None, normalizer=None,
+                teacher_logits=None):
         return self._call(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                           student_bias=student_bias, teacher_bias=teacher_bias,
-                          normalizer=normalizer)
+                          normalizer=normalizer, teacher_logits=teacher_logits)
 
 
 class FusedLinearTopKKDLoss(_LossModule):
@@ -113,14 +118,15 @@ class PlackettLuceLoss(_LossModule):
     """Module form of `plackett_luce_loss`.
 
     forward(student_logits [..., V], teacher_logits [..., V], labels [...] | None,
-    normalizer=None) -> float32 loss.
+    normalizer=None, mask [...] | None) -> float32 loss.
     """
 
     function = staticmethod(plackett_luce_loss)
-    call_time = ("normalizer",)
+    call_time = ("normalizer", "mask")
 
-    def forward(self, student_logits, teacher_logits, labels=None, normalizer=None):
-        return self._call(student_logits, teacher_logits, labels, normalizer=normalizer)
+    def forward(self, student_logits, teacher_logits, labels=None, normalizer=None, mask=None):
+        return self._call(student_logits, teacher_logits, labels, normalizer=normalizer,
+                          mask=mask)
 
 
 class TopKKDLoss(_LossModule):
@@ -139,34 +145,80 @@ class TopKKDLoss(_LossModule):
                           normalizer=normalizer)
 
 
+class ULDLoss(_LossModule):
+    """Module form of `uld_loss`.
+
+    forward(student_logits [..., V_s], teacher_logits [..., V_t], labels [...] | None,
+    normalizer=None) -> float32 loss.
+    """
+
+    function = staticmethod(uld_loss)
+    call_time = ("normalizer",)
+
+    def forward(self, student_logits, teacher_logits, labels=None, normalizer=None):
+        return self._call(student_logits, teacher_logits, labels, normalizer=normalizer)
+
+
+class SampledKDLoss(_LossModule):
+    """Module form of `sampled_kd_loss`.
+
+    forward(student_logits [..., V], samples (TeacherSamples), labels [...] | None,
+    normalizer=None) -> float32 loss.
+    """
+
+    function = staticmethod(sampled_kd_loss)
+    call_time = ("normalizer",)
+
+    def forward(self, student_logits, samples, labels=None, normalizer=None):
+        return self._call(student_logits, samples, labels, normalizer=normalizer)
+
+
+class FusedLinearSampledKDLoss(_LossModule):
+    """Module form of `fused_linear_sampled_kd_loss`.
+
+    forward(student_hidden [..., H], student_weight [V, H], samples (TeacherSamples),
+    labels [...] | None, student_bias [V] | None, normalizer=None) -> float32 loss.
+    """
+
+    function = staticmethod(fused_linear_sampled_kd_loss)
+    call_time = ("student_bias", "normalizer")
+
+    def forward(self, student_hidden, student_weight, samples, labels=None, student_bias=None,
+                normalizer=None):
+        return self._call(student_hidden, student_weight, samples, labels,
+                          student_bias=student_bias, normalizer=normalizer)
+
+
 class SinkhornLoss(_LossModule):
     """Module form of `sinkhorn_loss`.
 
-    forward(student_logits [..., B, V], teacher_logits [..., B, V]) -> float32 scalar.
+    forward(student_logits [..., B, V], teacher_logits [..., B, V], labels [..., B] | None,
+    mask [..., B] | None) -> float32 scalar.
     """
 
     function = staticmethod(sinkhorn_loss)
+    call_time = ("mask",)
 
-    def forward(self, student_logits, teacher_logits):
-        return self._call(student_logits, teacher_logits)
+    def forward(self, student_logits, teacher_logits, labels=None, mask=None):
+        return self._call(student_logits, teacher_logits, labels, mask=mask)
 
 
 class GraphOnLogitsLoss(_LossModule):
     """Module form of `graph_on_logits_loss`: `k` and the keywords fixed at construction.
 
-    forward(student_logits [G, T, V_s], teacher_logits [G, T, V_t], mask [G, T] | None)
-    -> float32 scalar.
+    forward(student_logits [G, T, V_s], teacher_logits [G, T, V_t], mask [G, T] | None,
+    labels [G, T] | None) -> float32 scalar.
     """
 
     function = staticmethod(graph_on_logits_loss)
-    call_time = ("mask",)
+    call_time = ("mask", "labels")
     fixed = ("k",)
 
     def __init__(self, k, **kwargs):
         super().__init__(k=k, **kwargs)
 
-    def forward(self, student_logits, teacher_logits, mask=None):
-        return self._call(student_logits, teacher_logits, mask=mask)
+    def forward(self, student_logits, teacher_logits, mask=None, labels=None):
+        return self._call(student_logits, teacher_logits, mask=mask, labels=labels)
 
 
 __all__ = [
@@ -175,6 +227,9 @@ __all__ = [
     "FusedLinearTopKKDLoss",
     "GraphOnLogitsLoss",
     "PlackettLuceLoss",
+    "SampledKDLoss",
+    "FusedLinearSampledKDLoss",
     "SinkhornLoss",
     "TopKKDLoss",
+    "ULDLoss",
 ]

@@ -134,9 +134,11 @@ def check_vocab_parallel(vp, op: str, backend, widths: tuple[int, ...], rows: in
                 f"stop - start = {vp.stop} - {vp.start} = {vp.width}, got {w}"
             )
     name, _ = requested(backend)
-    if name == "cuda" or (name == "triton" and op not in ("kd_loss", "topk_kd_loss")):
-        have = ("'torch' and (for kd_loss, topk_kd_loss) 'triton'" if name == "cuda"
-                else "'torch'")
+    two_phase = ("kd_loss", "topk_kd_loss", "fused_linear_kd_loss",
+                 "fused_linear_topk_kd_loss")
+    kernels = {"triton": two_phase, "cuda": two_phase}  # the ops with two-phase kernels
+    if op not in kernels.get(name, (op,)):
+        have = " and ".join(["'torch'"] + [repr(b) for b, ops in kernels.items() if op in ops])
         raise BackendUnavailableError(
             f"{op}: backend={name!r} cannot run with vocab_parallel: the two-phase "
             f"vocabulary-parallel kernels of this op exist only for backend={have} so far "
@@ -181,64 +183,74 @@ def _is_dtensor(x) -> bool:
     return mod is not None and isinstance(x, mod.DTensor)
 
 
-def _vocab_shard(x, name: str):
-    """(local tensor, VocabParallel | None) of a DTensor: None when it is replicated."""
+def _vocab_shard(x, name: str, vocab_dim: int | None):
+    """(local tensor, VocabParallel | None) of a DTensor argument: the VocabParallel its
+    shard implies when it is Shard(vocab_dim) on one mesh dim and Replicate() on the
+    others, None when it is replicated. vocab_dim None: it must be replicated."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     mesh, placements = x.device_mesh, tuple(x.placements)
-    last = x.dim() - 1
+    nd = max(x.dim(), 1)
+    vdim = None if vocab_dim is None else vocab_dim % nd
     sharded = [i for i, p in enumerate(placements) if isinstance(p, Shard)]
-    others = [p for p in placements if not isinstance(p, (Shard, Replicate))]
-    if others or any(placements[i].dim not in (-1, last) for i in sharded) or len(sharded) > 1:
-        raise ValueError(
-            f"{name}: a DTensor must be Replicate() or Shard(-1) (the vocabulary dim) on one "
-            f"mesh dim and Replicate() on the others; got placements {placements}"
-        )
-    if not sharded:
-        return x.to_local(), None
-    _, offset = compute_local_shape_and_global_offset(x.shape, mesh, placements)
+    if (any(not isinstance(p, (Shard, Replicate)) for p in placements) or len(sharded) > 1
+            or any(placements[i].dim % nd != vdim for i in sharded)):
+        want = ("Replicate() on every mesh dim (only the vocabulary-sharded arguments may "
+                "be sharded)" if vdim is None else
+                f"Replicate(), or Shard({vocab_dim}) (the vocabulary dim) on one mesh dim "
+                "and Replicate() on the others")
+        raise ValueError(f"{name}: a DTensor here must be {want}; got placements {placements}")
     local = x.to_local()
-    start = int(offset[last])
-    return local, VocabParallel(start, start + local.shape[-1], mesh.get_group(sharded[0]))
+    if not sharded:
+        return local, None
+    _, offset = compute_local_shape_and_global_offset(x.shape, mesh, placements)
+    start = int(offset[vdim])
+    return local, VocabParallel(start, start + local.shape[vdim], mesh.get_group(sharded[0]))
 
 
-def unwrap_dtensors(vp, **tensors):
+def unwrap_dtensors(vp, vocab_dims: dict[str, int] | None = None, **tensors):
     """Plain local tensors for DTensor arguments, and the VocabParallel they imply.
 
-    Logits sharded on their last dim give a VocabParallel (start/stop from the local
-    shard's offset, the group of that mesh dim); replicated ones act as plain tensors;
-    other tensors (labels, top-k indices and values) must be replicated. The local tensors
-    come from `to_local()`, whose backward returns the gradient as a DTensor with the
-    input's placements. Returns (vp, {name: tensor}).
+    vocab_dims names the arguments that may be sharded on the vocabulary, with their
+    vocabulary dim (default: every argument whose name ends in "logits", dim -1; the
+    fused losses pass their weights and biases, dim 0). Such an argument sharded there
+    on one mesh dim gives a VocabParallel (start/stop from the local shard's global
+    offset, torch's uneven splits included; the group of that mesh dim); every one of
+    them that is given must then be sharded alike (same mesh dim, same offsets), and
+    `vp` must be None. Replicated DTensors act as plain tensors; the other arguments
+    (hidden states, labels, top-k indices and values) must be plain or replicated. The
+    local tensors come from `to_local()`, whose backward returns the gradient as a
+    DTensor with the input's placements. Returns (vp, {name: tensor}).
     """
     if not any(_is_dtensor(t) for t in tensors.values()):
         return vp, tensors
+    if vocab_dims is None:
+        vocab_dims = {n: -1 for n in tensors if n.endswith("logits")}
     out, found = {}, {}
     for name, t in tensors.items():
         if not _is_dtensor(t):
             out[name] = t
             continue
-        local, shard = _vocab_shard(t, name)
-        if shard is not None and not name.endswith("logits"):
-            raise ValueError(f"{name}: only logits may be sharded; pass it replicated")
-        out[name] = local
+        out[name], shard = _vocab_shard(t, name, vocab_dims.get(name))
         if shard is not None:
             found[name] = shard
     if found:
         if vp is not None:
             raise ValueError(
-                "vocab_parallel is derived from vocabulary-sharded DTensor logits; pass "
-                "either DTensors or local tensors with vocab_parallel, not both"
+                "vocab_parallel is derived from vocabulary-sharded DTensor arguments "
+                f"({', '.join(found)}); pass either DTensors or local tensors with "
+                "vocab_parallel, not both"
             )
-        shards = set(found.values())
-        if len(shards) != 1 or len(found) != sum(n.endswith("logits") for n in tensors
-                                                  if tensors[n] is not None):
+        given = [n for n in vocab_dims if tensors.get(n) is not None]
+        if len(set(found.values())) != 1 or len(found) != len(given):
+            seen = {n: (found[n].start, found[n].stop) if n in found else "not sharded"
+                    for n in given}
             raise ValueError(
-                "student and teacher logits must be sharded alike (same mesh dim and "
-                f"offsets); got {found}"
+                f"{', '.join(given)} must be sharded alike on the vocabulary (DTensors "
+                f"sharded on the same mesh dim, the same offsets); got {seen}"
             )
-        vp = shards.pop()
+        vp = next(iter(found.values()))
     return vp, out
 
 

@@ -29,6 +29,10 @@ case "$what" in
             tests/test_pld_triton.py tests/test_topk_kd_triton.py tests/test_pld_topk_gpu.py \
             tests/test_fused_linear_topk.py tests/test_sinkhorn_triton.py \
             tests/test_sinkhorn_loss_triton.py tests/test_graph_triton.py \
+            tests/test_vocab_parallel_cuda.py tests/test_sampled_kd.py tests/test_uld.py \
+            tests/test_fused_linear_dense_teacher.py tests/test_kd_ergonomics.py \
+            tests/test_kd_dkd_nkd_cosine.py \
+            tests/test_kd_conveniences.py \
             "$@" 2>&1 | tee "$OUT/tests.log" | tail -25
         ;;
     bench)

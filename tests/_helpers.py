@@ -125,3 +125,21 @@ def run_ranks(cases, world: int, tmp_dir, *extra) -> list[dict]:
         with open(f"{path}.{r}") as f:
             res.append(json.load(f))
     return res
+
+
+def kd_params(divergence: str, *, beta: float = 0.3, alpha: float = 0.2,
+              taid_t: float = 0.6) -> dict:
+    """The mixture keyword `divergence` reads: beta (jsd), alpha (skew KL), taid_t (taid),
+    dkd_alpha / dkd_beta (dkd), nkd_gamma (nkd), all away from their defaults. kd_loss
+    refuses a non-default weight that the divergence would ignore."""
+    if divergence == "dkd":
+        return dict(dkd_alpha=0.7, dkd_beta=3.0)
+    if divergence == "nkd":
+        return dict(nkd_gamma=0.8)
+    if divergence == "jsd":
+        return dict(beta=beta)
+    if divergence.startswith("skew_"):
+        return dict(alpha=alpha)
+    if divergence == "taid":
+        return dict(taid_t=taid_t)
+    return {}

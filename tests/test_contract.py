@@ -46,6 +46,15 @@ def _logits(n, v=V, std=4.0):
     return torch.randn(n, v) * std
 
 
+def _sampled(n, k=8):
+    smp = K.sample_teacher(_logits(n), k)
+    return dict(idx=smp.indices, w=smp.weights)
+
+
+def _record(x):
+    return K.TeacherSamples(x["idx"], x["w"], V, draws=8)
+
+
 LOSSES = {
     "kd_loss": Loss(
         make=lambda n: dict(student=_logits(n), t=_logits(n), y=_labels(n)),
@@ -59,6 +68,13 @@ LOSSES = {
             x["student"], x["ws"], x["ht"], x["wt"], x["y"], divergence="skew_forward_kl",
             student_softcap=6.0, chunk_size=4, **kw),
         teacher=("ht", "wt"), labels=True),
+    "fused_linear_kd_loss[teacher_logits]": Loss(  # a stored bf16 teacher instead of a head
+        make=lambda n: dict(student=torch.randn(n, 7), ws=torch.randn(V, 7) / 2,
+                            t=_logits(n).to(torch.bfloat16), y=_labels(n)),
+        call=lambda x, **kw: K.fused_linear_kd_loss(
+            x["student"], x["ws"], labels=x["y"], teacher_logits=x["t"], divergence="jsd",
+            beta=0.3, student_softcap=6.0, chunk_size=4, **kw),
+        teacher=("t",), labels=True),
     "fused_linear_topk_kd_loss": Loss(
         make=lambda n: dict(student=torch.randn(n, 7), ws=torch.randn(V, 7) * 2, idx=torch.stack(
             [torch.randperm(V)[:6] for _ in range(n)]) if n else torch.zeros(0, 6).long(),
@@ -89,6 +105,23 @@ LOSSES = {
         call=lambda x, **kw: K.graph_on_logits_loss(x["student"], x["t"], 4, mask=x["mask"],
                                                     **kw),
         teacher=("t",)),
+    "sampled_kd_loss": Loss(
+        make=lambda n: dict(student=_logits(n), **_sampled(n), y=_labels(n)),
+        call=lambda x, **kw: K.sampled_kd_loss(x["student"], _record(x), x["y"],
+                                               hard_label_weight=0.3, **kw),
+        teacher=("w",), labels=True),
+    "fused_linear_sampled_kd_loss": Loss(  # τ ≠ 1 with a hard label: two passes
+        make=lambda n: dict(student=torch.randn(n, 7), ws=torch.randn(V, 7) * 2, **_sampled(n),
+                            y=_labels(n)),
+        call=lambda x, **kw: K.fused_linear_sampled_kd_loss(
+            x["student"], x["ws"], _record(x), x["y"], temperature=2.0, hard_label_weight=0.3,
+            student_softcap=6.0, chunk_size=4, **kw),
+        teacher=("w",), labels=True),
+    "uld_loss": Loss(  # a teacher vocabulary of another size
+        make=lambda n: dict(student=_logits(n), t=_logits(n, V + 6), y=_labels(n)),
+        call=lambda x, **kw: K.uld_loss(x["student"], x["t"], x["y"], top_k=11,
+                                        hard_label_weight=0.3, **kw),
+        teacher=("t",), labels=True),
 }
 N = 12  # rows (a multiple of 3: sinkhorn batches and graph groups of 3)
 
@@ -194,6 +227,9 @@ def test_empty_batch(name):
 def test_fullgraph_compile_matches_eager(name):
     x = _inputs(name)
     ref, ref_grad = _loss_and_grad(name, x)
+    # one lambda code object for every loss: a fresh cache per loss, so the recompile
+    # limit counts this loss's graphs only
+    torch._dynamo.reset()
     fn = torch.compile(lambda inputs: LOSSES[name].call(inputs), fullgraph=True,
                        backend="aot_eager")
     s = x["student"].detach().clone().requires_grad_(True)
@@ -206,6 +242,7 @@ def test_fullgraph_compile_matches_eager(name):
 # loss (= its table's op) -> positions of the gradient outputs in the implementation's
 # arguments (an empty tensor there: no gradient)
 GRAD_ARGS = {"kd_loss": (5,), "plackett_luce_loss": (3,), "topk_kd_loss": (3,),
+             "uld_loss": (3,),
              "fused_linear_kd_loss": (10, 11, 12), "fused_linear_topk_kd_loss": (9, 10, 11)}
 
 

@@ -63,7 +63,7 @@ def test_build_compiles_all_sources_and_imports(built, mod):
     log = (path.parent / "build.log").read_text()
     units = sorted(p.name for p in CSRC.iterdir() if p.suffix in (".cu", ".cpp"))
     assert {"bindings.cpp", "kd.cu", "topk.cu", "pld.cu", "topk_kd.cu", "sinkhorn.cu",
-            "graph.cu"} <= set(units)
+            "graph.cu", "kd_parallel.cu", "topk_kd_parallel.cu"} <= set(units)
     assert info["sinkhorn_segment"] == 16
     for unit in units:  # every translation unit went through nvcc (in this or a copied tree)
         assert re.search(rf"NVCC \S*/{re.escape(unit)}$", log, re.M), unit
@@ -134,6 +134,21 @@ def test_kernel_call_without_gpu_raises_clear_error(mod):
                          False, True, 0, 0)
     with pytest.raises(RuntimeError, match="no usable CUDA device"):
         mod.graph_rows_bwd(0, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10, 1, 10, 2, 1, 1.0, 0, 0, 0)
+    kd_vp = dict(s=0, t=0, labels=0, labels_i64=False, stride_l=0, stats=0, piv=0, norm=0,
+                 flags=0, part=0, scale=0, grad=0, n_rows=1, width=10, start=0, stride_s=10,
+                 stride_t=10, stride_g=10, dtype=0, is_double=False, div=1, inv_temp=1.0, w=0.0,
+                 log_w=0.0, log_1mw=0.0, soft_w=1.0, hard_w=0.0, ignore_index=-100,
+                 use_x=False, device=0, stream=0)
+    for name in ("kd_vp_stats", "kd_vp_partials", "kd_vp_grad"):
+        with pytest.raises(RuntimeError, match="no usable CUDA device"):
+            getattr(mod, name)(**kd_vp)
+    topk_vp = dict(s=0, idx=0, labels=0, labels_i64=False, stride_l=0, sel=0, tstat=0, r=0,
+                   tail=0, mode=0, grad=0, n_rows=1, width=10, k=2, start=0, stride_s=10,
+                   stride_i=2, stride_o=3, stride_r=3, stride_g=10, dtype=2, is_double=False,
+                   inv_temp=1.0, bucket=True, ignore_index=-100, device=0, stream=0)
+    for name in ("topk_vp_gather", "topk_vp_grad"):
+        with pytest.raises(RuntimeError, match="no usable CUDA device"):
+            getattr(mod, name)(**topk_vp)
     # the slot rule needs no device (it mirrors the Triton solver's)
     assert mod.sinkhorn_slots(20, False, True, True) == 20
     assert mod.sinkhorn_slots(20, True, False, True) == 16

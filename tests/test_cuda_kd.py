@@ -13,8 +13,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import assert_launched, assert_lowp, grad_ulp, rel_err, requires_gpu
-from test_kd import PARAMS, TEMPS, run
+from _helpers import (
+    assert_launched,
+    assert_lowp,
+    grad_ulp,
+    kd_params,
+    rel_err,
+    requires_gpu,
+)
+from test_kd import TEMPS, run
 from test_kd import make_case as make_cpu_case
 from test_kd_gpu import make_case as make_gpu_case
 
@@ -53,7 +60,7 @@ def test_matches_float64_oracle(monkeypatch, plan, divergence, v):
     s, t, labels = to_cuda(*make_cpu_case(n, v))
     go = torch.randn(n, device="cuda") * 3
     kw = dict(divergence=divergence, temperature=temperature, reduction="none",
-              hard_label_weight=0.25, soft_label_weight=0.8, **PARAMS)
+              hard_label_weight=0.25, soft_label_weight=0.8, **kd_params(divergence))
     out = []
     assert_launched(lambda: out.extend(run(kd_loss, s, t, labels, go, backend="cuda", **kw)),
                     "kdk::kd_fwd_kernel", "kdk::scale_rows_kernel", absent=("_kd_fwd_kernel",))
@@ -107,7 +114,8 @@ def test_all_rows_ignored(monkeypatch, plan, divergence):
     labels[:] = -100
     for reduction in ("mean", "sum", "none"):
         loss, grad = run(kd_loss, s, t, labels, backend="cuda", divergence=divergence,
-                         reduction=reduction, hard_label_weight=0.3, **PARAMS)
+                         reduction=reduction, hard_label_weight=0.3,
+                         **kd_params(divergence))
         assert torch.isfinite(loss).all() and (loss == 0).all()
         assert torch.isfinite(grad).all() and (grad == 0).all()
 
@@ -123,7 +131,7 @@ def test_real_vocab_as_tight_as_triton(monkeypatch, plan, v, dtype, divergence):
     s, t, labels = make_gpu_case(n, v, dtype)
     go = torch.randn(n, device="cuda")
     kw = dict(divergence=divergence, temperature=1.5, reduction="none",
-              hard_label_weight=0.2, **PARAMS)
+              hard_label_weight=0.2, **kd_params(divergence))
     loss, grad = run(kd_loss, s, t, labels, go, backend="cuda", **kw)
     ref, ref_grad = run(kd_loss_ref, s.double(), t.double(), labels, go.double(), **kw)
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()

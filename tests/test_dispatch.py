@@ -79,6 +79,35 @@ def _topk_select(be):
     kdkernels.topk_select(x, 7, backend=be)
 
 
+def _uld(be):
+    s = torch.randn(4, 31, requires_grad=True)
+    y = torch.tensor([3, -100, 7, 0])
+    kdkernels.uld_loss(s, torch.randn(4, 23), y, top_k=9, hard_label_weight=0.5,
+                       backend=be).backward()
+
+
+def _samples(n, v, k):
+    """A sampled record built directly (the sampler's own table must not run here)."""
+    idx = torch.stack([torch.randperm(v)[:k] for _ in range(n)]).sort(-1).values
+    return kdkernels.TeacherSamples(idx, torch.softmax(torch.randn(n, k), -1), v)
+
+
+def _sampled_kd(be):
+    s = torch.randn(4, 30, requires_grad=True)
+    kdkernels.sampled_kd_loss(s, _samples(4, 30, 5), backend=be).backward()
+
+
+def _fused_sampled_kd(be):
+    hs = torch.randn(5, 8, requires_grad=True)
+    ws = torch.randn(21, 8, requires_grad=True)
+    kdkernels.fused_linear_sampled_kd_loss(hs, ws, _samples(5, 21, 4), student_softcap=3.0,
+                                           backend=be).backward()
+
+
+def _sample_teacher(be):
+    kdkernels.sample_teacher(torch.randn(5, 40), 7, backend=be)
+
+
 # public op -> (its dispatch table's op name, a call with small inputs, forward + backward)
 OPS = {
     "kd_loss": ("kd_loss", _kd),
@@ -91,6 +120,10 @@ OPS = {
     "graph_on_logits_loss": ("graph_on_logits_loss", _graph),
     "topk_logit_graph": ("topk_logit_graph", _logit_graph),
     "topk_select": ("topk_select", _topk_select),
+    "sampled_kd_loss": ("topk_kd_loss", _sampled_kd),  # runs on top-k KD's table
+    "fused_linear_sampled_kd_loss": ("fused_linear_topk_kd_loss", _fused_sampled_kd),
+    "sample_teacher": ("sample_teacher", _sample_teacher),
+    "uld_loss": ("uld_loss", _uld),
 }
 
 
@@ -260,6 +293,8 @@ GPU_KERNELS = {  # (op call, backend) -> kernels that must launch (profiler name
     ("graph", "cuda"): ["kdk::topk_kernel", "kdk::graph_rows_kernel", "kdk::graph_runs_kernel",
                         "kdk::graph_gw_kernel", "kdk::graph_finish_kernel",
                         "kdk::graph_rows_bwd_kernel"],
+    ("sample", "triton"): ["_sample_kernel"],
+    ("uld", "triton"): ["_topk_select_kernel", "_uld_kernel", "_scale_rows_kernel"],
 }
 OTHER = {"triton": ("kdk::",),
          "cuda": ("_kd_fwd_kernel", "_softcap", "_scale_rows", "_topk", "_pld", "_sk_")}
@@ -292,10 +327,18 @@ def _gpu_call(name, be):
         c = torch.rand(3, 20, 24, device=dev, requires_grad=True)
         f, g = kdkernels.sinkhorn(c, epsilon=0.1, n_iters=5, backend=be)
         (f.sum() + g.sum()).backward()
+    elif name == "sample":
+        kdkernels.sample_teacher(torch.randn(8, 1000, device=dev), 16, backend=be)
     elif name == "graph":
         s = torch.randn(2, 6, 500, device=dev, requires_grad=True)
         kdkernels.graph_on_logits_loss(s, torch.randn(2, 6, 400, device=dev), 8,
                                        backend=be).backward()
+    elif name == "uld":
+        s = torch.randn(8, 1000, device=dev, requires_grad=True)
+        labels = torch.randint(0, 1000, (8,), device=dev)
+        kdkernels.uld_loss(s, torch.randn(8, 1200, device=dev), labels, top_k=16,
+                           hard_label_weight=0.5, backend=be).backward(
+                               torch.tensor(0.5, device=dev))
     else:
         kdkernels.topk_select(torch.randn(8, 1000, device=dev), 16, backend=be)
 

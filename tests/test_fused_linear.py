@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import assert_lowp, rel_err, requires_gpu
+from _helpers import assert_lowp, kd_params, rel_err, requires_gpu
 
 from kdkernels import FusedLinearKDLoss, fused_linear_kd_loss
 from kdkernels.fused_linear import choose_chunk_size
@@ -20,7 +20,6 @@ from kdkernels.fused_linear.reference import fused_linear_kd_loss_ref
 from kdkernels.kd import DIVERGENCES
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
-PARAMS = dict(beta=0.3, alpha=0.2, taid_t=0.6)
 
 
 def make_case(lead, h_s, h_t, v_s, v_t=None, *, std=30.0, ignored=0.3, dtype=torch.float32,
@@ -65,7 +64,9 @@ def as64(c):
 
 
 def check_against_ref(c, go=None, *, frozen=(), tol=1e-5, **kw):
-    """Run the fused loss and the float64 oracle on the same inputs; compare everything."""
+    """Run the fused loss and the float64 oracle on the same inputs; compare everything
+    (with the divergence's own mixture keyword, kd_params, unless given)."""
+    kw = {**kd_params(kw.get("divergence", "forward_kl")), **kw}
     ref_kw = {k: v for k, v in kw.items() if k not in ("chunk_size", "backend")}
     loss, grads = run(fused_linear_kd_loss, c, go, frozen=frozen, **kw)
     go64 = go.double() if go is not None else None
@@ -85,7 +86,7 @@ def check_against_ref(c, go=None, *, frozen=(), tol=1e-5, **kw):
 
 
 FULL = dict(student_softcap=30.0, teacher_softcap=50.0, student_logit_scale=0.7,
-            teacher_logit_scale=1.3, hard_label_weight=0.3, soft_label_weight=0.9, **PARAMS)
+            teacher_logit_scale=1.3, hard_label_weight=0.3, soft_label_weight=0.9)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

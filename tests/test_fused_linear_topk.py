@@ -12,6 +12,7 @@ from _helpers import assert_lowp, rel_err
 import kdkernels
 from kdkernels import BackendUnavailableError, FusedLinearTopKKDLoss, fused_linear_topk_kd_loss
 from kdkernels._core import backend as B
+from kdkernels._core.codes import Div
 from kdkernels.fused_linear import ops as fl_ops
 from kdkernels.fused_linear.reference import fused_linear_topk_kd_loss_ref
 from kdkernels.topk.ops import TOPK_KD_FWD
@@ -368,7 +369,8 @@ def test_a_backend_follows_the_topk_step(fake_gpu_spies, monkeypatch):
         "unused:unused", verify="kdkernels.fused_linear.ops:_test_verify"))
     with pytest.raises(BackendUnavailableError, match="k is too large for the test"):
         run(fused_linear_topk_kd_loss, c, backend="triton")
-    assert seen == dict(s_dtype=torch.float32, t_dtype=torch.float32, k=3, bucket=False)
+    assert seen == dict(s_dtype=torch.float32, t_dtype=torch.float32, k=3, bucket=False,
+                        div=int(Div.FWD_KL), hard_label=False)
     calls.clear()
     run(fused_linear_topk_kd_loss, c)  # auto moves on
     assert {be for _, be in calls} == {"torch"}

@@ -13,6 +13,7 @@ import math
 import os
 
 import torch
+from _helpers import kd_params
 from fuzz_cases import (
     INJECTIONS,
     LOWP,
@@ -83,10 +84,12 @@ def test_kd_loss(data):
     extra = draw(st.sampled_from([0, 0, 3]))  # a wider teacher: vocab_mismatch="truncate"
     dtype, backend = draw(DTYPES), draw(BACKENDS)
     std = draw(st.sampled_from(SPREADS))
+    divergence = draw(st.sampled_from(K.DIVERGENCES))
     kw = dict(
-        divergence=draw(st.sampled_from(K.DIVERGENCES)),
-        beta=draw(st.sampled_from([0.0, 0.3, 1.0])), alpha=draw(st.sampled_from([0.0, 0.2, 1.0])),
-        taid_t=draw(st.sampled_from([0.0, 0.6, 1.0])),
+        divergence=divergence,
+        **kd_params(divergence, beta=draw(st.sampled_from([0.0, 0.3, 1.0])),
+                    alpha=draw(st.sampled_from([0.0, 0.2, 1.0])),
+                    taid_t=draw(st.sampled_from([0.0, 0.6, 1.0]))),
         temperature=draw(st.sampled_from([0.5, 1.0, 2.0])),
         hard_label_weight=draw(st.sampled_from([0.0, 0.3])),
         soft_label_weight=draw(st.sampled_from([1.0, 0.5, 0.0])),
@@ -94,7 +97,8 @@ def test_kd_loss(data):
     s = logits(gen, n, v, std)
     t = logits(gen, n, v + extra, std) + torch.randn(n, 1, generator=gen, dtype=F64)
     s, t = mask_both(gen, s, t, draw(st.sampled_from([0.0, 0.25])))
-    use_labels = kw["hard_label_weight"] > 0 or draw(st.booleans())
+    use_labels = (kw["hard_label_weight"] > 0 or divergence in ("dkd", "nkd")
+                  or draw(st.booleans()))
     y = labels_for(gen, s, 0.3) if use_labels else None
     s, t = s.to(dtype), t.to(dtype)
     go = _upstream(gen, n, kw["reduction"])
@@ -114,8 +118,9 @@ def test_kd_loss(data):
     s2, t2, hit = inject(s, t, kind, row, v // 2)
     if hit is None:
         return
-    teacher_read = canonical(kw["divergence"], beta=kw["beta"], alpha=kw["alpha"],
-                             taid_t=kw["taid_t"], temperature=kw["temperature"],
+    teacher_read = canonical(kw["divergence"], beta=kw.get("beta", 0.5),
+                             alpha=kw.get("alpha", 0.1), taid_t=kw.get("taid_t"),
+                             temperature=kw["temperature"],
                              soft_w=kw["soft_label_weight"], hard_w=kw["hard_label_weight"],
                              ignore_index=-100).div != ZERO
     ignored = y is not None and y[row] == -100
@@ -137,12 +142,15 @@ def test_fused_linear_kd_loss(data):
     n, v, h = draw(st.integers(0, 9)), draw(st.sampled_from([1, 5, 33])), draw(st.integers(1, 9))
     dtype, backend = draw(st.sampled_from([F32, F64])), draw(BACKENDS)
     std = draw(st.sampled_from(SPREADS))
-    kw = dict(divergence=draw(st.sampled_from(K.DIVERGENCES)), beta=0.3, alpha=0.2, taid_t=0.6,
+    divergence = draw(st.sampled_from(K.DIVERGENCES))
+    kw = dict(divergence=divergence, **kd_params(divergence),
               temperature=draw(st.sampled_from([0.5, 1.0])),
               student_softcap=draw(st.sampled_from([None, 5.0])),
               teacher_logit_scale=draw(st.sampled_from([1.0, 0.5])),
               **_reduction(draw, False))
     chunk = draw(st.sampled_from([None, 2, 4]))
+    if divergence in ("dkd", "nkd"):  # they read the row's label
+        kw["labels"] = labels_for(gen, torch.zeros(n, v), 0.0)
     hs = logits(gen, n, h, std ** 0.5).to(dtype)
     ws, ht = logits(gen, v, h, 1.0).to(dtype), logits(gen, n, 3, std ** 0.5).to(dtype)
     wt = logits(gen, v, 3, 1.0).to(dtype)

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from _helpers import assert_lowp, grad_ulp, rel_err
+from _helpers import assert_lowp, grad_ulp, kd_params, rel_err
 
 import kdkernels
 from kdkernels import DIVERGENCES, KDLoss, kd_loss
@@ -17,7 +17,6 @@ from kdkernels.kd.reference import kd_loss_ref
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
 TEMPS = (0.5, 1.0, 2.0)
-PARAMS = dict(beta=0.3, alpha=0.2, taid_t=0.6)
 
 
 def make_case(n, v, *, std=30.0, masked=0.1, ignored=0.3, dtype=torch.float32,
@@ -63,7 +62,7 @@ def test_matches_float64_oracle(backend, divergence, v):
     s, t, labels = make_case(n, v)
     go = torch.randn(n, dtype=torch.float32) * 3
     kw = dict(divergence=divergence, temperature=temperature, reduction="none",
-              hard_label_weight=0.25, soft_label_weight=0.8, **PARAMS)
+              hard_label_weight=0.25, soft_label_weight=0.8, **kd_params(divergence))
     loss, grad = run(kd_loss, s, t, labels, go, backend=backend, **kw)
     ref, ref_grad = run(kd_loss_ref, s.double(), t.double(), labels, go.double(), **kw)
     assert loss.dtype == torch.float32 and grad.dtype == torch.float32
@@ -119,7 +118,8 @@ def test_all_rows_ignored(backend, divergence):
     labels[:] = -100
     for reduction in ("mean", "sum", "none"):
         loss, grad = run(kd_loss, s, t, labels, backend=backend, divergence=divergence,
-                         reduction=reduction, hard_label_weight=0.3, **PARAMS)
+                         reduction=reduction, hard_label_weight=0.3,
+                         **kd_params(divergence))
         assert torch.isfinite(loss).all() and (loss == 0).all()
         assert torch.isfinite(grad).all() and (grad == 0).all()
 
@@ -156,7 +156,7 @@ def test_low_precision_within_twice_torch_error(backend, dtype, divergence):
     s, t, labels = make_case(16, 1031, std=std, dtype=dtype)
     go = torch.randn(16)
     kw = dict(divergence=divergence, temperature=1.5, reduction="none",
-              hard_label_weight=0.1, **PARAMS)
+              hard_label_weight=0.1, **kd_params(divergence))
     loss, grad = run(kd_loss, s, t, labels, go, backend=backend, **kw)
     assert grad.dtype == dtype and loss.dtype == torch.float32
     ref, ref_grad = run(kd_loss_ref, s.double(), t.double(), labels, go.double(), **kw)
@@ -228,5 +228,5 @@ def test_torch_compile_fullgraph(backend):
 
 def test_public_api():
     assert set(DIVERGENCES) == {"forward_kl", "reverse_kl", "jsd", "skew_forward_kl",
-                                "skew_reverse_kl", "tvd", "taid"}
+                                "skew_reverse_kl", "tvd", "taid", "dkd", "nkd", "cosine"}
     assert kdkernels.__version__

@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import assert_launched, assert_lowp, grad_ulp, rel_err, requires_gpu
+from _helpers import (
+    assert_launched,
+    assert_lowp,
+    grad_ulp,
+    kd_params,
+    rel_err,
+    requires_gpu,
+)
 
 from kdkernels import DIVERGENCES, kd_loss
 from kdkernels.kd.reference import kd_loss_ref
 
 pytestmark = [requires_gpu, pytest.mark.gpu]
-PARAMS = dict(beta=0.3, alpha=0.2, taid_t=0.6)
 
 
 def make_case(n, v, dtype, std=10.0):
@@ -46,7 +52,7 @@ def test_triton_cuda_matches_oracle(v, dtype, divergence):
     s, t, labels = make_case(n, v, dtype)
     go = torch.randn(n, device="cuda")
     kw = dict(divergence=divergence, temperature=1.5, reduction="none",
-              hard_label_weight=0.2, **PARAMS)
+              hard_label_weight=0.2, **kd_params(divergence))
     out = []
     assert_launched(lambda: out.extend(run(kd_loss, s, t, labels, go, backend="triton", **kw)),
                     "_kd_fwd_kernel", "_scale_rows_kernel", absent=("kdk::",))

@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
+from _helpers import kd_params
 
 import kdkernels as K
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
-PARAMS = dict(beta=0.3, alpha=0.2, taid_t=0.6)
 N, V = 5, 37
 BAD_ROW = 2
 nan, inf = math.nan, math.inf
@@ -24,6 +24,13 @@ def _kd(s, t, backend, **kw):
     out = K.kd_loss(s, t, backend=backend, reduction="none", **kw)
     out.sum().backward()
     return out.detach(), s.grad
+
+
+def _labels(divergence):
+    """labels= for the divergences that read the row's label (dkd, nkd), else nothing."""
+    if divergence in ("dkd", "nkd"):
+        return dict(labels=torch.arange(N) * 7 % V)
+    return {}
 
 
 def _poison(x, value, where="one"):
@@ -49,7 +56,8 @@ def _assert_only_bad_row_nan(loss, grad, clean_loss, clean_grad):
 @pytest.mark.parametrize("value", [nan, inf], ids=["nan", "inf"])
 def test_nan_or_inf_in_a_row_makes_that_row_nan(backend, divergence, side, value):
     s, t = torch.randn(N, V) * 3, torch.randn(N, V) * 3
-    kw = dict(divergence=divergence, hard_label_weight=0.0, **PARAMS)
+    kw = dict(divergence=divergence, hard_label_weight=0.0, **kd_params(divergence),
+              **_labels(divergence))
     clean = _kd(s, t, backend, **kw)
     if side == "student":
         s = _poison(s, value)
@@ -65,7 +73,7 @@ def test_nan_or_inf_in_a_row_makes_that_row_nan(backend, divergence, side, value
 @pytest.mark.parametrize("side", ["student", "teacher"])
 def test_an_all_minus_inf_row_has_no_softmax(backend, divergence, side):
     s, t = torch.randn(N, V) * 3, torch.randn(N, V) * 3
-    kw = dict(divergence=divergence, **PARAMS)
+    kw = dict(divergence=divergence, **kd_params(divergence), **_labels(divergence))
     clean = _kd(s, t, backend, **kw)
     if side == "student":
         s = _poison(s, -inf, where="row")

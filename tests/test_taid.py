@@ -47,7 +47,7 @@ def _losses(n, seed=0):
 @pytest.mark.parametrize("t_start, alpha, beta, total", [(0.2, 5e-4, 0.99, 125_000),
                                                         (0.4, 5e-3, 0.9, 3_000)])
 def test_matches_the_official_rule_step_for_step(t_start, alpha, beta, total):
-    ours = TAIDSchedule(t_start=t_start, t_end=1.0, alpha=alpha, beta=beta)
+    ours = TAIDSchedule(t_start=t_start, t_end=1.0, step_size=alpha, beta=beta)
     ref = OfficialRule(t_start, 1.0, alpha, beta)
     for step, loss in enumerate(_losses(4000)):
         assert ours.step(loss, step, total) == pytest.approx(ref.update(loss, step, total),
@@ -56,7 +56,7 @@ def test_matches_the_official_rule_step_for_step(t_start, alpha, beta, total):
 
 
 def test_first_step_only_records_and_the_one_minus_t_factor():
-    s = TAIDSchedule(t_start=0.3, alpha=0.1, beta=0.0)
+    s = TAIDSchedule(t_start=0.3, step_size=0.1, beta=0.0)
     assert s.step(2.0, 0, 10**9) == 0.3  # the first call moves nothing
     t = 0.3
     for k in range(1, 50):  # a constant loss: m = 0, sigmoid 1/2, t += α/2·(1 − t)
@@ -73,13 +73,14 @@ def test_a_zero_loss_then_a_positive_one_does_not_crash():
 
 
 def test_non_finite_losses_are_skipped_and_state_round_trips():
-    s = TAIDSchedule(alpha=0.05)
+    s = TAIDSchedule(step_size=0.05)
     for k, loss in enumerate([5.0, 4.0, math.nan, math.inf, 3.0]):
         s.step(loss, k, 20)
-    ref = TAIDSchedule(alpha=0.05)
+    ref = TAIDSchedule(step_size=0.05)
     for k, loss in ((0, 5.0), (1, 4.0), (4, 3.0)):
         ref.step(loss, k, 20)
-    assert s.state_dict() == ref.state_dict()
+    assert {k: v for k, v in s.state_dict().items() if k != "num_steps"} == \
+        {k: v for k, v in ref.state_dict().items() if k != "num_steps"}
     other = TAIDSchedule()
     other.load_state_dict(s.state_dict())
     assert other.step(2.5, 5, 20) == s.step(2.5, 5, 20)
@@ -90,3 +91,56 @@ def test_linear_schedule_without_adaptation():
     s.step(1.0, 0, 10)
     assert s.step(0.5, 5, 10) == pytest.approx(0.5)
     assert s.step(0.1, 10, 10) == pytest.approx(0.8)
+
+
+def test_total_steps_once_and_the_own_step_count():
+    """total_steps given to the constructor and no global_step: the same t as passing
+    both on every call, global_step counting from 0."""
+    losses = _losses(300, seed=3)
+    explicit = TAIDSchedule(step_size=5e-3, beta=0.9)
+    counted = TAIDSchedule(step_size=5e-3, beta=0.9, total_steps=400)
+    for k, loss in enumerate(losses):
+        assert counted.step(loss) == explicit.step(loss, k, 400)
+    assert counted.num_steps == len(losses)
+    # a given global_step resets the count; total_steps in step() wins over the stored one
+    a = TAIDSchedule(t_start=0.2, adaptive=False, total_steps=10)
+    a.step(1.0, global_step=4)
+    assert a.step(1.0) == pytest.approx(0.2 + 0.8 * 5 / 10)
+    assert a.step(1.0, total_steps=100) == pytest.approx(0.2 + 0.8 * 6 / 100)
+
+
+def test_total_steps_is_required_somewhere():
+    s = TAIDSchedule()
+    with pytest.raises(ValueError, match="total_steps"):
+        s.step(1.0)
+    with pytest.raises(ValueError, match="total_steps"):
+        s.step(1.0, global_step=3)
+    with pytest.raises(ValueError, match="total_steps"):
+        TAIDSchedule(total_steps=0)
+
+
+def test_the_step_count_round_trips():
+    s = TAIDSchedule(step_size=0.05, total_steps=50)
+    for loss in (5.0, 4.0, 3.5):
+        s.step(loss)
+    other = TAIDSchedule(step_size=0.05, total_steps=50)
+    other.load_state_dict(s.state_dict())
+    assert other.step(3.0) == s.step(3.0)
+    old = {k: v for k, v in s.state_dict().items() if k != "num_steps"}  # older checkpoint
+    other.load_state_dict(old)
+    assert other.num_steps == 0
+
+
+def test_alpha_is_a_deprecated_name_of_step_size():
+    with pytest.warns(DeprecationWarning, match="step_size"):
+        old = TAIDSchedule(alpha=0.05, total_steps=30)
+    new = TAIDSchedule(step_size=0.05, total_steps=30)
+    assert old.step_size == 0.05
+    for loss in (4.0, 3.0, 2.9, 2.5):
+        assert old.step(loss) == new.step(loss)
+    with pytest.warns(DeprecationWarning):
+        assert new.alpha == 0.05
+    with pytest.raises(TypeError, match="step_size"):
+        TAIDSchedule(alpha=0.05, step_size=0.05)
+    with pytest.raises(ValueError, match="step_size"):
+        TAIDSchedule(step_size=1.5)

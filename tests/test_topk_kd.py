@@ -8,7 +8,7 @@ from _helpers import ATOL, rel_err
 
 import kdkernels._core.chunking as chunking
 from kdkernels import TopKKDLoss, topk_kd_loss
-from kdkernels._core.backend import BackendUnavailableError
+from kdkernels._core.backend import BackendUnavailableError, recording
 from kdkernels.kd import kd_loss
 from kdkernels.topk.reference import topk_kd_loss_ref
 
@@ -306,3 +306,134 @@ def test_ignored_row_with_infinite_loss_stays_zero():
                        reduction="none")
         assert loss[2] == 0 and torch.all(g[2] == 0)
         assert torch.isfinite(loss).all() and torch.isfinite(g).all()
+
+
+# ------------------------------------------- hard label, soft weight and TAID (§5)
+
+# (divergence, keywords): TAID alone and with the hard label, a weighted divergence with
+# the hard label, and the hard label alone (soft_label_weight=0: no teacher read)
+MIXES = [
+    ("taid", dict(taid_t=0.3)),
+    ("taid", dict(taid_t=0.7, hard_label_weight=1.3)),
+    ("forward_kl", dict(hard_label_weight=0.7, soft_label_weight=0.4)),
+    ("reverse_kl", dict(hard_label_weight=2.0)),
+    ("jsd", dict(beta=0.3, hard_label_weight=0.5, soft_label_weight=0.0)),
+]
+
+
+@pytest.mark.parametrize("values, tail", MODES)
+@pytest.mark.parametrize("divergence, kw_mix", MIXES)
+@pytest.mark.parametrize("std", [5.0, 30.0])
+def test_hard_label_and_taid_match_oracle(values, tail, divergence, kw_mix, std):
+    s, idx, vals, y = _inputs((3, 5), 37, 7, values=values, s_std=std,
+                              t_std=std if tail == "renormalize" else 3.0, teacher_top=False)
+    tau = 1.0 if values == "logprobs" else 1.7
+    kw = dict(values=values, tail=tail, divergence=divergence, temperature=tau,
+              reduction="none", **kw_mix)
+    upstream = torch.randn(3, 5, dtype=torch.float64) * 3
+    with recording() as ran:
+        loss, g = _run(topk_kd_loss, s, idx, vals, y, upstream, **kw)
+    assert ("topk_kd_loss", "torch") in ran and {be for _, be in ran} == {"torch"}
+    ref, g_ref = _run(topk_kd_loss_ref, s, idx, vals, y, upstream, **kw)
+    assert rel_err(loss, ref) <= 1e-6 and rel_err(g, g_ref) <= 1e-6
+    ign = y == IGNORE
+    assert torch.all(loss[ign] == 0) and torch.all(g[ign] == 0)
+    if kw_mix.get("hard_label_weight"):  # the cross-entropy reaches every class
+        assert torch.all(g[~ign] != 0)
+    mean, g_mean = _run(topk_kd_loss, s, idx, vals, y, **{**kw, "reduction": "mean"})
+    ref, g_ref = _run(topk_kd_loss_ref, s, idx, vals, y, **{**kw, "reduction": "mean"})
+    assert rel_err(mean, ref) <= 1e-6 and rel_err(g_mean, g_ref) <= 1e-6
+
+
+@pytest.mark.parametrize("values", ["logits", "logprobs"])
+@pytest.mark.parametrize("taid_t", [0.25, 0.8])
+def test_full_k_taid_and_hard_label_equal_kd_loss(values, taid_t):
+    # k = V (any order), renormalize: TAID's target over the entries is kd_loss's, and the
+    # hard-label term is the same cross-entropy
+    lead, v = (4, 3), 29
+    s = torch.randn(*lead, v, dtype=torch.float64) * 30
+    t = torch.randn(*lead, v, dtype=torch.float64) * 30
+    y = torch.randint(0, v, lead)
+    y[0, 1] = IGNORE
+    idx = torch.rand(*lead, v).argsort(-1)
+    tau = 1.0 if values == "logprobs" else 2.5
+    vals = (t if values == "logits" else torch.log_softmax(t, -1)).gather(-1, idx)
+    kw = dict(divergence="taid", taid_t=taid_t, temperature=tau, reduction="sum",
+              hard_label_weight=0.6, soft_label_weight=1.4)
+    loss, g = _run(topk_kd_loss, s, idx, vals, y, values=values, **kw)
+    ref, g_ref = _run(lambda x, i, vv, yy, **k: kd_loss(x, t, yy, **k), s, idx, vals, y, **kw)
+    assert rel_err(loss, ref) <= 1e-6 and rel_err(g, g_ref) <= 1e-6
+
+
+def test_taid_endpoints_and_zero_soft_weight():
+    s, idx, vals, y = _inputs((9,), 23, 5, values="logprobs")
+    for tail in ("renormalize", "bucket"):
+        kw = dict(values="logprobs", tail=tail, reduction="none")
+        one, g1 = _run(topk_kd_loss, s, idx, vals, y, divergence="taid", taid_t=1.0, **kw)
+        fwd, gf = _run(topk_kd_loss, s, idx, vals, y, divergence="forward_kl", **kw)
+        assert torch.equal(one, fwd) and torch.equal(g1, gf)
+        # λ = 0: r = q, D ≡ 0; soft weight 0: no divergence either (the teacher unread)
+        zero, g0 = _run(topk_kd_loss, s, idx, vals, y, divergence="taid", taid_t=0.0, **kw)
+        assert torch.all(zero == 0) and torch.all(g0 == 0)
+        nan_vals = torch.full_like(vals, float("nan"))
+        ce, gce = _run(topk_kd_loss, s, idx, nan_vals, y, soft_label_weight=0.0,
+                       hard_label_weight=2.0, **kw)
+        ref, g_ref = _run(topk_kd_loss_ref, s, idx, vals, y, soft_label_weight=0.0,
+                          hard_label_weight=2.0, **kw)
+        assert rel_err(ce, ref) <= 1e-6 and rel_err(gce, g_ref) <= 1e-6
+
+
+def test_taid_and_hard_label_nonfinite_policy():
+    s, idx, vals, y = _inputs((6,), 17, 4, values="logprobs", pad_frac=0.0, ignore_frac=0.0)
+    # row 0: TAID's target has no support (the student masks every teacher entry with
+    # mass, the teacher every other one): NaN; row 1: the label's logit is -inf: the
+    # cross-entropy is +inf, the gradient finite; row 2: a NaN outside the entries counts
+    # for the hard label (the loss reads the whole row); row 3: ignored, full of NaN
+    vals[0] = torch.tensor([0.0, float("-inf"), float("-inf"), float("-inf")])
+    s[0, idx[0, 0]] = float("-inf")
+    rest = torch.ones(17, dtype=torch.bool)
+    rest[idx[2]] = False
+    s[1, y[1]] = float("-inf")
+    idx[1] = torch.where(idx[1] == y[1], (y[1] + 1) % 17, idx[1])  # (not an entry)
+    vals[1] = torch.log_softmax(torch.randn(17, dtype=torch.float64), -1)[idx[1]]
+    s[2, rest.nonzero()[0, 0]] = float("nan")
+    s[3] = float("nan")
+    y[3] = IGNORE
+    kw = dict(values="logprobs", tail="renormalize", reduction="none", divergence="taid",
+              taid_t=0.5, hard_label_weight=1.0)
+    loss, g = _run(topk_kd_loss, s, idx, vals, y, **kw)
+    assert torch.isnan(loss[0]) and torch.isnan(g[0]).all()
+    assert loss[1] == float("inf") and torch.isfinite(g[1]).all()
+    assert torch.isnan(loss[2]) and torch.isnan(g[2]).all()
+    assert loss[3] == 0 and torch.all(g[3] == 0)
+    ok = torch.tensor([False, False, False, False, True, True])
+    ref, g_ref = _run(topk_kd_loss_ref, s[ok], idx[ok], vals[ok], y[ok], **kw)
+    assert rel_err(loss[ok], ref) <= 1e-6 and rel_err(g[ok], g_ref) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "over, name",
+    [
+        (dict(divergence="taid"), "taid_t"),
+        (dict(divergence="taid", taid_t=1.5), "taid_t"),
+        (dict(hard_label_weight=1.0, labels=None), "labels"),
+        (dict(hard_label_weight=-1.0), "hard_label_weight"),
+        (dict(soft_label_weight=float("nan")), "soft_label_weight"),
+    ],
+)
+def test_bad_mixing_keywords(over, name):
+    args = _bad(**over)
+    with pytest.raises(ValueError, match=name):
+        topk_kd_loss(args.pop("student_logits"), args.pop("teacher_topk_indices"),
+                     args.pop("teacher_topk_values"), args.pop("labels"), **args)
+
+
+def test_cuda_verifier_refuses_taid_hard_label_and_zero_soft_weight():
+    from kdkernels._core.codes import Div
+    from kdkernels.topk.cuda import unsupported_reason
+
+    assert unsupported_reason(torch.float32, div=int(Div.JSD), hard_label=False) is None
+    assert "taid" in unsupported_reason(torch.float32, div=int(Div.TAID))
+    assert "soft_label_weight=0" in unsupported_reason(torch.float32, div=int(Div.ZERO))
+    assert "hard_label_weight" in unsupported_reason(torch.float32, div=int(Div.FWD_KL),
+                                                     hard_label=True)

@@ -28,7 +28,8 @@ IGNORE = -100
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MODES = [("logits", "renormalize"), ("logprobs", "renormalize"), ("logprobs", "bucket")]
 DIVS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)]
-CODES = {"forward_kl": int(Div.FWD_KL), "reverse_kl": int(Div.REV_KL), "jsd": int(Div.JSD)}
+CODES = {"forward_kl": int(Div.FWD_KL), "reverse_kl": int(Div.REV_KL), "jsd": int(Div.JSD),
+         "taid": int(Div.TAID), "none": int(Div.ZERO)}
 
 
 @pytest.fixture(autouse=True)
@@ -86,15 +87,17 @@ def _triton(s, idx, vals, y, upstream=None, dtype=None, **kw):
 
 
 def _launch(fn, s, idx, vals, y, divergence="jsd", beta=0.3, inv_temp=1.0, values="logprobs",
-            tail="bucket", grad=True, alias=False, scale=0.5):
-    """Call a launcher directly: (loss [N], gradient [N, V]); alias: grad_out is s itself."""
+            tail="bucket", grad=True, alias=False, scale=0.5, soft_w=1.0, hard_w=0.0):
+    """Call a launcher directly: (loss [N], gradient [N, V]); alias: grad_out is s itself.
+    beta: the mixture weight (λ for taid); divergence 'none': no divergence term."""
     s = s.to(DEV).clone()
     loss = torch.empty(s.shape[0], device=DEV)
     g = s if alias else (torch.empty_like(s) if grad else s.new_empty(0))
     sc = torch.tensor(scale, dtype=torch.float64 if s.dtype == torch.float64 else torch.float32,
                       device=DEV)
     fn(s, sc, loss, g, y.to(DEV) if y is not None else None, idx.to(DEV), vals.to(DEV),
-       CODES[divergence], beta, inv_temp, values == "logprobs", tail == "bucket", IGNORE)
+       CODES[divergence], beta, inv_temp, values == "logprobs", tail == "bucket", IGNORE,
+       soft_w, hard_w)
     return loss.cpu(), g.cpu()
 
 
@@ -424,3 +427,92 @@ def test_class_bitmap():
     got = [[c for c in range(70) if (words[r, c // 32, (c % 32) // 8] >> (c % 8)) & 1]
            for r in range(3)]
     assert got == [[0, 31, 32, 63], [], [5, 30, 31, 40, 64]]
+
+
+# ------------------------------------------- hard label, soft weight and TAID (§5)
+
+MIXES = [
+    ("taid", dict(taid_t=0.3)),
+    ("taid", dict(taid_t=0.7, hard_label_weight=1.3)),
+    ("forward_kl", dict(hard_label_weight=0.7, soft_label_weight=0.4)),
+    ("jsd", dict(beta=0.3, hard_label_weight=0.5, soft_label_weight=0.0)),
+]
+
+
+def _finite_labels(s, y):
+    """Labels moved off classes the student masks (their cross-entropy is +inf)."""
+    off = (y != IGNORE) & torch.isinf(s.gather(1, y.clamp_min(0)[:, None])[:, 0])
+    return torch.where(off, s.argmax(1), y)
+
+
+@pytest.mark.parametrize("values, tail", MODES)
+@pytest.mark.parametrize("divergence, kw_mix", MIXES)
+def test_hard_label_and_taid_match_oracle_and_torch(values, tail, divergence, kw_mix):
+    """float32 at std 30 (with a masked vocabulary) against the oracle on the same inputs;
+    float64 at std 4 against the oracle's digits and the torch path's; the kernel ran."""
+    tau = 1.0 if values == "logprobs" else 1.7
+    kw = dict(values=values, tail=tail, divergence=divergence, temperature=tau,
+              reduction="none", **kw_mix)
+    s, idx, vals, y = _inputs(8, 37, 7, values=values, teacher_top=False, masked=0.1)
+    y = _finite_labels(s, y)
+    up = torch.randn(8, dtype=torch.float64) * 3
+    with recording() as ran:
+        loss, g = _triton(s, idx, vals, y, up, torch.float32, **kw)
+    assert ("topk_kd_loss", "triton") in ran
+    ref, g_ref = _run(topk_kd_loss_ref, s.float().double(), idx, vals.float().double(), y, up,
+                      **kw)
+    assert rel_err(loss, ref) <= 1e-5 and rel_err(g, g_ref) <= 1e-5
+    ign = y == IGNORE
+    assert torch.all(loss[ign] == 0) and torch.all(g[ign] == 0)
+    s, idx, vals, y = _inputs(8, 29, 6, values=values, std=4.0, teacher_top=False)
+    kw["reduction"] = "sum"  # (an upstream gradient would be rounded to the float32 loss's)
+    loss, g = _triton(s, idx, vals, y, **kw)
+    ref, g_ref = _run(topk_kd_loss_ref, s, idx, vals, y, **kw)
+    _, g_t = _run(topk_kd_loss, s, idx, vals, y, backend="torch", **kw)
+    assert rel_err(loss, ref) <= 1e-7
+    assert rel_err(g, g_ref) <= 1e-12 and rel_err(g, g_t) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hard_label_keeps_its_gradient_at_std30(dtype):
+    """The label is the row's argmax and softmax(s)_y rounds to 1: its entry is
+    softmax_y − 1 = −Σ_{v≠y} softmax_v, to 1e-5 (float32) of that tiny value, not 1 − 1."""
+    s, idx, vals, _ = _inputs(8, 23, 4, values="logprobs", teacher_top=False)
+    y = s.argmax(1)
+    kw = dict(divergence="none", tail="renormalize", soft_w=0.0, hard_w=1.0, scale=1.0)
+    _, g = _launch(topk_triton.topk_kd_fwd_triton, s.to(dtype), idx, vals.to(dtype), y, **kw)
+    p = torch.softmax(s.to(dtype).double(), 1)
+    want = -p.scatter(1, y[:, None], 0.0).sum(1)  # −Σ_{v≠y} p_v, summed directly
+    got = g.gather(1, y[:, None])[:, 0].double()
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.all((got - want).abs() <= tol * want.abs()), (got, want)
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_hard_label_nonfinite_alias_and_out_of_range_label(tail):
+    """With the hard label the whole row is read: a NaN outside the entries makes the row
+    NaN; a label on a masked class gives +inf and a finite gradient; a label out of
+    [0, V) (unchecked on a GPU) a NaN row; the gradient over the logits (the fused loss's
+    buffer) gives the same bits; as the torch path."""
+    s, idx, vals, y = _inputs(8, 29, 5, values="logprobs", pad_frac=0.0, ignore_frac=0.0,
+                              teacher_top=False)
+    s, vals = s.float(), vals.float()
+    unsel = [c for c in range(29) if c not in idx[0].tolist()][0]
+    s[0, unsel] = math.nan
+    s[1, y[1]] = -math.inf
+    idx[1] = torch.where(idx[1] == y[1], -1, idx[1])
+    y[2] = 29
+    s[3] = math.nan
+    y[3] = IGNORE
+    kw = dict(divergence="taid", beta=0.4, tail=tail, soft_w=0.8, hard_w=1.5)
+    fn = topk_triton.topk_kd_fwd_triton
+    loss, g = _launch(fn, s, idx, vals, y, **kw)
+    loss_a, g_a = _launch(fn, s, idx, vals, y, alias=True, **kw)
+    loss_t, g_t = _launch(topk_kd_fwd_torch, s, idx, vals, y, **kw)
+    assert _same(loss, loss_a) and _same(g, g_a)
+    assert loss[0].isnan() and g[0].isnan().all() and loss[2].isnan() and g[2].isnan().all()
+    assert loss[1] == math.inf and g[1].isfinite().all() and g[1].abs().max() > 0
+    assert loss[3] == 0 and torch.all(g[3] == 0)
+    assert _same(loss.isnan(), loss_t.isnan()) and torch.equal(g.isnan(), g_t.isnan())
+    ok = [4, 5, 6, 7]
+    assert rel_err(loss[ok], loss_t[ok]) <= 1e-5 and rel_err(g[ok], g_t[ok]) <= 1e-5

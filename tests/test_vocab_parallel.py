@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from _helpers import run_ranks
+from _helpers import kd_params, run_ranks
 
 import kdkernels as K
 from kdkernels.parallel import count_bytes
@@ -79,7 +79,7 @@ def _kd_cases(rank, bounds, out):
     for div in DIVS:
         for tau, hw, sw, std, red, dtype in configs:
             s, t, y = _inputs(std, dtype, gen)
-            kw = dict(divergence=div, beta=0.3, alpha=0.2, taid_t=0.6, temperature=tau,
+            kw = dict(divergence=div, **kd_params(div), temperature=tau,
                       hard_label_weight=hw, soft_label_weight=sw, reduction=red)
             full = s.clone().requires_grad_()
             ref = K.kd_loss(full, t, y, **kw)
@@ -334,6 +334,7 @@ def test_errors_are_raised_alike_on_every_rank(results):
         e = out["errors"]
         assert "ValueError" in e[0] and "stop - start" in e[0], e
         assert "BackendUnavailableError" in e[1] and "backend='cuda'" in e[1], e
+        assert "needs CUDA tensors" in e[1], e  # (CPU tensors; the kernels: CUDA only)
         assert "partition [0, V)" in e[2], e
         assert "same rows" in e[3], e
         assert "labels must be in [0, 37)" in e[4], e

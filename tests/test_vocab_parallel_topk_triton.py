@@ -152,7 +152,7 @@ def _nonfinite_cases(rank, out):
 
 
 def _bytes_and_errors(rank, out):
-    """The same collectives (bytes) as the torch path; 'cuda' still refused."""
+    """The same collectives (bytes) as the torch path; 'cuda' refused on CPU tensors."""
     from kdkernels.parallel import count_bytes
 
     a, b = BOUNDS[rank]
@@ -213,6 +213,7 @@ def test_same_collectives_as_the_torch_path(results):
             tri, tor, n_tri, n_tor = m[tail]
             assert tri == tor and n_tri == n_tor == (2 if tail == "bucket" else 1), m
         assert m["cuda"] is not None and "backend='cuda'" in m["cuda"], m
+        assert "needs CUDA tensors" in m["cuda"], m
 
 
 def test_aot_variants_are_listed():

@@ -37,14 +37,16 @@ def compile_one(fn, sig: dict, const: dict, arch: int, num_warps: int):
 
 def kd_variants():
     sig = {"S": "*bf16", "T": "*fp32", "LABELS": "*i64", "SCALE": "*fp32", "LOSS": "*fp32",
-           "GRAD": "*bf16", "stride_s": "i64", "stride_t": "i64", "stride_g": "i64",
-           "V": "i32", "V_G": "i32", "inv_temp": "fp32", "w": "fp32", "log_w": "fp32",
-           "log_1mw": "fp32", "soft_w": "fp32", "hard_w": "fp32", "ignore_index": "i32"}
+           "GRAD": "*bf16", "PARTS": "*fp32", "n_inner": "i64", "stride_s_outer": "i64",
+           "stride_s": "i64", "stride_t_outer": "i64", "stride_t": "i64", "stride_g": "i64",
+           "V": "i32", "V_G": "i32", "inv_temp": "fp32", "inv_temp_t": "fp32", "w": "fp32",
+           "log_w": "fp32", "log_1mw": "fp32", "soft_w": "fp32", "hard_w": "fp32",
+           "ignore_index": "i32"}
     flags = [(True, True, True, True, True), (False, False, False, True, False),
              (True, True, False, False, False)]
     for div, (lab, hard, temp, grad, tail) in itertools.product(range(8), flags):
         const = dict(DIV=div, HAS_LABELS=lab, HARD=hard, TEMPERED=temp, COMPUTE_GRAD=grad,
-                     ZERO_TAIL=tail, BLOCK_V=4096)
+                     ZERO_TAIL=tail, WRITE_PARTS=hard, BLOCK_V=4096)
         yield f"kd div={div} labels={lab} hard={hard} tempered={temp} grad={grad}", \
             KD._kd_fwd_kernel, sig, const, 8
     sig = {"G": "*bf16", "SCALE": "*fp32", "stride_g": "i64", "V": "i32"}
@@ -75,7 +77,9 @@ def kd_variants():
 VARIANT_MODULES = ("kdkernels.pld.triton", "kdkernels.topk.triton",
                    "kdkernels.sinkhorn.cost_triton", "kdkernels.graph.triton",
                    "kdkernels.sinkhorn.triton", "kdkernels.kd.parallel_triton",
-                   "kdkernels.topk.parallel_triton")
+                   "kdkernels.topk.parallel_triton", "kdkernels.uld.triton",
+                   "kdkernels.sampled.triton", "kdkernels.kd.decoupled_triton",
+                   "kdkernels.kd.cosine_triton")
 
 
 def all_variants():

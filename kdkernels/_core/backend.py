@@ -60,7 +60,7 @@ def device_reason(backend: str, device) -> str | None:
     """Why `backend` cannot run on `device` at all (None when it can)."""
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
-            return "triton is not installed (pip install triton; Linux only)"
+            return "triton is not installed (pip install 'kdkernels[triton]'; Linux only)"
         if on_gpu(device) or (device.type == "cpu" and triton_interpreting()):
             return None
         return (
@@ -112,8 +112,11 @@ def recording() -> Iterator[list[tuple[str, str]]]:
     _recorders.append(calls)
     try:
         yield calls
-    finally:
-        _recorders.remove(calls)
+    finally:  # by identity: two blocks (threads) may hold equal lists
+        for i in range(len(_recorders) - 1, -1, -1):
+            if _recorders[i] is calls:
+                del _recorders[i]
+                break
 
 
 class Dispatch:

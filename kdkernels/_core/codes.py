@@ -21,6 +21,9 @@ class Div(IntEnum):
     SKEW_REV = 5
     TVD = 6
     TAID = 7
+    DKD = 8  # decoupled KD: needs the row's label (the target class)
+    NKD = 9  # normalized KD: needs the row's label
+    COSINE = 10  # 1 − cosine similarity of the logit rows
 
 
 class DType(IntEnum):

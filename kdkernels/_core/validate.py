@@ -108,9 +108,18 @@ def check_reduction(reduction) -> str:
     return check_choice("reduction", reduction, REDUCTIONS)
 
 
-def check_normalizer(normalizer, device=None):
-    """None, a positive finite number, or a 0-dim floating/integer tensor (kept on its
-    device, which must be the CPU or `device`, the logits' device)."""
+def check_normalizer(normalizer, device=None, *, labels=None, ignore_index=None,
+                     n_rows=None):
+    """None, a finite number >= 0, or a 0-dim (or 1-element) floating/integer tensor, kept
+    on its device, which must be the CPU or `device` (the logits' device); a 1-element
+    tensor comes back 0-dim.
+
+    0 is the count of valid rows when there is none (Transformers passes
+    num_items_in_batch=0 for an accumulation window without a valid token): the loss is
+    then 0. With valid rows a 0 is refused, where that costs no host synchronisation:
+    a number or a CPU tensor, against CPU labels (or `n_rows` without labels); elsewhere
+    the loss and gradient come out NaN instead (rowgrad.loss_scale). Values are not read
+    while torch.compile traces."""
     if normalizer is None:
         return None
     if isinstance(normalizer, torch.Tensor):
@@ -121,17 +130,41 @@ def check_normalizer(normalizer, device=None):
                 f"normalizer is a tensor on {where} but the logits are on {device}; pass a "
                 "number, or a 0-dim tensor on the logits' device or the CPU"
             )
-        if normalizer.dim() != 0:
+        if normalizer.numel() != 1 or normalizer.dim() > 1:
             raise ValueError(
-                "normalizer must be a number or a 0-dim tensor, "
+                "normalizer must be a number or a 0-dim (or 1-element) tensor, "
                 f"got shape {tuple(normalizer.shape)}"
             )
         if normalizer.dtype == torch.bool or normalizer.dtype.is_complex:
             raise TypeError(f"normalizer must be a real number tensor, got {normalizer.dtype}")
+        normalizer = normalizer.reshape(())
         if normalizer.device.type == "cpu" and not _compiling():
-            check_number("normalizer", normalizer, lo=0.0, lo_open=True)
+            _check_zero_normalizer(check_number("normalizer", normalizer, lo=0.0), labels,
+                                   ignore_index, n_rows)
         return normalizer
-    return check_number("normalizer", normalizer, lo=0.0, lo_open=True)
+    value = check_number("normalizer", normalizer, lo=0.0)
+    if not _compiling():
+        _check_zero_normalizer(value, labels, ignore_index, n_rows)
+    return value
+
+
+def _check_zero_normalizer(value: float, labels, ignore_index, n_rows) -> None:
+    """A normalizer of 0 with valid rows: ValueError, when checking needs no host sync."""
+    if value != 0.0:
+        return
+    if labels is None:
+        n_valid = n_rows or 0
+    elif labels.device.type == "cpu":
+        n_valid = int((labels != ignore_index).sum())
+    else:
+        return  # a GPU read would synchronise: the loss comes out NaN (loss_scale)
+    if n_valid > 0:
+        raise ValueError(
+            f"normalizer is 0 but {n_valid} row(s) are valid (labels != ignore_index="
+            f"{ignore_index}): their mean would divide by 0. A 0 normalizer is accepted "
+            "only when no row counts (every label is ignore_index; the loss is then 0). "
+            "Pass the number of valid rows (tokens), or None for this call's own count"
+        )
 
 
 def check_labels(labels, lead_shape, num_classes: int, ignore_index: int, device):
@@ -173,4 +206,6 @@ def check_row_args(labels, lead_shape, num_classes: int, device, *, ignore_index
             f"{reduction!r} it would be ignored. Pass reduction='mean' or drop normalizer"
         )
     check_labels(labels, lead_shape, num_classes, ignore_index, device)
-    return ignore_index, check_normalizer(normalizer, device)
+    normalizer = check_normalizer(normalizer, device, labels=labels, ignore_index=ignore_index,
+                                  n_rows=math.prod(lead_shape))
+    return ignore_index, normalizer

@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         mem_cases = [c for c in mem_cases if provider_matches(c.provider, _split(args.providers))]
     vp_tiny = (args.shapes or "").startswith("tiny")
     vp_cases = vocabpar.select(vp_pats, vp_tiny) if vp_pats is not None else []
-    if args.providers and not provider_matches(vocabpar.PROVIDER, _split(args.providers)):
-        vp_cases = []
+    if args.providers:  # each case's backend (kdkernels[torch], [triton], [cuda])
+        vp_cases = [c for c in vp_cases if provider_matches(c.provider, _split(args.providers))]
     if args.list:
         for c in cases:
             print(c.label())

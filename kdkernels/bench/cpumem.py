@@ -92,6 +92,15 @@ _KD_WHY = "the returned gradient plus at most 30% scratch; eager needs 5×"
 _FUSED_WHY = "chunk buffers only (2 × 64 MiB at C=256), never the N×V logits"
 _FUSED_TOPK_WHY = "one chunk buffer (128 MiB at C=512), never the N×V logits"
 _NO_NXV = "no N×V fp32 temporary besides the returned gradient"
+# uld.topk: one row block's temporaries (~4 MiB each, at least a row per thread: ~100 bytes
+# per column and row, 16 threads) and O(N·k) (16 bytes per sorted entry); never N×V
+_ULD_EXTRA = 16 * 2048 * 64 + (256 << 20)
+_ULD_WHY = "row-block temporaries + O(N·k); never an N×V temporary besides the gradient"
+# sampled_kd: top-k KD's bucket path on the record: float64 row blocks (~4 MiB each, a few
+# alive, and the library's per-thread scratch) and O(N·k) for the record's log-weights;
+# nothing N×V besides the gradient (measured: 17 MB above the gradient on 2 threads)
+_SAMPLED_EXTRA = 32 * 2048 * 64 + (128 << 20)
+_SAMPLED_WHY = "the gradient + row-block temporaries + O(N·k), never an N×V temporary"
 
 MEM_CASES: tuple[MemCase, ...] = (
     MemCase("kd.forward_kl", _OURS, _KD_SHAPE, "grad", 1.3, _KD_WHY, warmup=1, reps=2,
@@ -107,6 +116,10 @@ MEM_CASES: tuple[MemCase, ...] = (
     MemCase("topk_kd", _OURS, {"N": 2048, "V": 131072, "k": 64}, "extra_grad", 1.0, _NO_NXV),
     MemCase("graph", _OURS, {"G": 4, "T": 512, "V": 131072, "k": 16}, "extra_grad", 1.0,
             _NO_NXV),
+    MemCase("uld.topk", _OURS, {"N": 2048, "V": 131072, "k": 64}, "extra", _ULD_EXTRA,
+            _ULD_WHY, warmup=0, reps=1),
+    MemCase("sampled_kd", _OURS, {"N": 2048, "V": 131072, "k": 64}, "extra", _SAMPLED_EXTRA,
+            _SAMPLED_WHY, warmup=1, reps=2),
 )
 
 

@@ -20,8 +20,9 @@ from ..kd.reference import divergence_ref
 
 
 def kd_eager(s, t, divergence="forward_kl", *, beta=0.5, alpha=0.1, taid_t=0.5,
-             temperature=1.0):
-    """Mean over rows of D_n. forward_kl is log_softmax + kl_div, as most training code has it."""
+             temperature=1.0, labels=None):
+    """Mean over rows of D_n. forward_kl is log_softmax + kl_div, as most training code has it
+    (labels: dkd and nkd)."""
     if divergence == "forward_kl":
         return F.kl_div(
             F.log_softmax(s / temperature, -1),
@@ -30,7 +31,7 @@ def kd_eager(s, t, divergence="forward_kl", *, beta=0.5, alpha=0.1, taid_t=0.5,
             log_target=True,
         )
     d = divergence_ref(s, t, divergence, beta=beta, alpha=alpha, taid_t=taid_t,
-                       temperature=temperature)
+                       temperature=temperature, labels=labels)
     return d.mean()
 
 

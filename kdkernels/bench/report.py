@@ -29,7 +29,7 @@ from .cpumem import MemResult
 from .floors import Floors
 from .model import MODES, shape_str
 from .runner import BUDGET_NOTE, Result
-from .vocabpar import PROVIDER, WORLD, VPResult
+from .vocabpar import VPResult
 
 MIB = float(1 << 20)
 CSV_FIELDS = ("date", "device", "device_type", "versions", "group", "op", "mode", "provider",
@@ -154,9 +154,10 @@ def write_csv(path: str, meta: dict, floors: Floors, results: list[Result],
 
 
 def _vp_provider(r: VPResult) -> str:
-    """The provider column of a vocab-parallel row: our torch backend, the collective
-    backend and the number of ranks (kdkernels[torch] gloo×2)."""
-    return f"{PROVIDER} {r.backend}×{WORLD}"
+    """The provider column of a vocab-parallel row: the backend recorded while it ran (the
+    one asked for, on a row that did not run), the collective backend and the number of
+    ranks (kdkernels[torch] gloo×2)."""
+    return r.provider
 
 
 def _fmt_bytes(b: float) -> str:
@@ -176,7 +177,8 @@ def vocab_parallel_lines(vp: list[VPResult]) -> list[str]:
              "forward+backward with `vocab_parallel=` on 2 ranks (each holds V/2 columns), "
              "float32 inputs; bytes all-reduced per rank per step "
              "(`kdkernels.parallel.count_bytes()`), at two vocabulary sizes; time per step "
-             "on each rank (median). Check: the bytes are the same at both V (O(N)).", "",
+             "on each rank (median); the provider is the backend recorded while the steps "
+             "ran. Check: the bytes are the same at both V (O(N)).", "",
              "| op | provider | shape | V | bytes / step / rank | bytes / row | ratio | "
              "time / step / rank | check |", "|---|---|---|---|---|---|---|---|---|"]
     for r in vp:
@@ -184,7 +186,7 @@ def vocab_parallel_lines(vp: list[VPResult]) -> list[str]:
         small, large = c.vocabs
         shp = shape_str(c.shape)
         if r.status != "ok":
-            lines.append(f"| {c.op} | kdkernels[torch] | {shp} | {small} → {large} | "
+            lines.append(f"| {c.op} | {_vp_provider(r)} | {shp} | {small} → {large} | "
                          f"{r.status}: {r.note.replace('|', '/')} | | | | |")
             continue
 

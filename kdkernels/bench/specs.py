@@ -14,9 +14,12 @@ from collections.abc import Callable
 import torch
 
 from .. import DIVERGENCES
+from ..kd.params import NEEDS_LABELS
 from . import naive, peers
 from .model import OpSpec, Sweep
 from .providers import auto_backend, eager_and_compile, ours_factory, provider_name, with_ours
+from .sampled import sampled_specs
+from .uld import uld_specs
 
 GPU_VOCABS = [32000, 128256, 151936, 262144]
 LOGIT_STD = 2.0
@@ -99,14 +102,21 @@ _KD_EXTRA = {"taid": {"taid_t": 0.5}}
 _LIGER_KD = ("forward_kl", "jsd", "tvd")
 
 
+def _kd_inputs(div, s, dt, dev):
+    x = {"s": _logits((s["N"], s["V"]), dt, dev), "t": _logits((s["N"], s["V"]), dt, dev)}
+    if div in NEEDS_LABELS:  # dkd, nkd read the row's label
+        x["y"] = torch.randint(0, s["V"], (s["N"],), device=dev)
+    return x
+
+
 def _kd_spec(div: str) -> OpSpec:
     kw = _KD_EXTRA.get(div, {})
 
     def call_ours(fn, x, **be):
-        return fn(x["s"], x["t"], divergence=div, **kw, **be)
+        return fn(x["s"], x["t"], x.get("y"), divergence=div, **kw, **be)
 
     def call_eager(fn, x):
-        return fn(x["s"], x["t"], div, **kw)
+        return fn(x["s"], x["t"], div, labels=x.get("y"), **kw)
 
     def providers(device):
         extra = eager_and_compile(naive.kd_eager, call_eager)
@@ -122,10 +132,7 @@ def _kd_spec(div: str) -> OpSpec:
     return OpSpec(
         name=f"kd.{div}",
         family="kd",
-        make_inputs=lambda s, dt, dev: {
-            "s": _logits((s["N"], s["V"]), dt, dev),
-            "t": _logits((s["N"], s["V"]), dt, dev),
-        },
+        make_inputs=lambda s, dt, dev: _kd_inputs(div, s, dt, dev),
         grad_inputs=("s",),
         cost=_cost_logits_pair(lambda s: s["N"] * s["V"], lambda s: s["N"]),
         providers=providers,
@@ -417,6 +424,8 @@ def all_specs() -> list[OpSpec]:
         _sinkhorn_loss_spec(),
         _topk_spec(),
         _graph_spec(),
+        *uld_specs(),
+        *sampled_specs(),
     ]
 
 

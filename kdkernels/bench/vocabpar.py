@@ -1,12 +1,20 @@
 """The vocab-parallel group: what the vocabulary-parallel losses communicate per step.
 
 Each case runs forward+backward of one loss with `vocab_parallel=` on 2 ranks, at two
-vocabulary sizes, and counts the bytes every rank all-reduces during the step with
-`kdkernels.parallel.count_bytes()` (every collective of the two-phase launchers and the
-fused loss's hidden-gradient reduction goes through `kdkernels.parallel.all_reduce`; the
-per-call validation all-gather of 3 int64 per rank is not counted). The check: the
-bytes per step are the same at both vocabulary sizes and on both ranks (O(N), whatever
-V is), and not zero.
+vocabulary sizes, on one backend passed explicitly, and counts the bytes every rank
+all-reduces during the step with `kdkernels.parallel.count_bytes()` (every collective of
+the two-phase launchers and the fused loss's hidden-gradient reduction goes through
+`kdkernels.parallel.all_reduce`; the per-call validation all-gather of 3 int64 per rank
+is not counted). The check: the bytes per step are the same at both vocabulary sizes and
+on both ranks (O(N), whatever V is), and not zero.
+
+Backends: on the CPU (gloo) every case runs on 'torch' (the Triton kernels run there only
+under the interpreter, far too slow to time). With 2 GPUs (NCCL) every case runs on
+'torch', 'triton' and 'cuda' (the fused loss too: its loop on the two-phase launchers of
+that backend). Each step runs inside `kdkernels._core.backend.recording()`; a row is
+labelled with the backend that ran (`kdkernels[triton] nccl×2`), and a step that
+recorded nothing or another backend than the one asked for is an error row
+(`providers.label_mismatch`), as in the timing suite.
 
 The ranks are fresh processes (`python -m kdkernels.bench.vocabpar --rank R ...`), one
 job for the whole group: gloo on the CPU (each rank one thread), or, where
@@ -32,42 +40,60 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-PROVIDER = "kdkernels[torch]"
 WORLD = 2
+
+
+BACKENDS_GPU = ("torch", "triton", "cuda")  # with NCCL (2 GPUs); gloo: torch only
 
 
 @dataclass(frozen=True)
 class VPCase:
-    """One loss at two vocabulary sizes; `shape` holds N (and k, H), `vocabs` the two V."""
+    """One loss at two vocabulary sizes on one backend; `shape` holds N (and k, H),
+    `vocabs` the two V."""
 
     op: str
     shape: dict
     vocabs: tuple[int, int]
     reps: int = 3
+    backend: str = "torch"
 
     @property
     def id(self) -> str:
-        return self.op
+        return self.op if self.backend == "torch" else f"{self.op}[{self.backend}]"
+
+    @property
+    def provider(self) -> str:
+        """The provider asked for (rows that ran are labelled from what was recorded)."""
+        return f"kdkernels[{self.backend}]"
 
     def shape_at(self, v: int) -> dict:
         return {"N": self.shape["N"], "V": v,
                 **{k: x for k, x in self.shape.items() if k != "N"}}
 
 
-def cases(tiny: bool = False) -> tuple[VPCase, ...]:
-    """The group's cases: N=256 at V=8192 and 65536 (tiny: N=8 at V=64 and 256)."""
+def nccl_available() -> bool:
+    """Whether the ranks will run on NCCL (one GPU each), and so every backend."""
+    import torch
+
+    return torch.cuda.device_count() >= WORLD
+
+
+def cases(tiny: bool = False, nccl: bool | None = None) -> tuple[VPCase, ...]:
+    """The group's cases: N=256 at V=8192 and 65536 (tiny: N=8 at V=64 and 256), on
+    'torch'; with NCCL (nccl None: 2 GPUs here) each op on 'torch', 'triton', 'cuda'."""
     n, vocabs, h, reps = (8, (64, 256), 16, 2) if tiny else (256, (8192, 65536), 256, 3)
-    return (
-        VPCase("kd.forward_kl", {"N": n}, vocabs, reps),
-        VPCase("kd.jsd", {"N": n}, vocabs, reps),
-        VPCase("topk_kd.bucket", {"N": n, "k": 16}, vocabs, reps),
-        VPCase("fused_linear.forward_kl", {"N": n, "H": h}, vocabs, reps),
-    )
+    if nccl is None:
+        nccl = nccl_available()
+    ops = (("kd.forward_kl", {"N": n}), ("kd.jsd", {"N": n}),
+           ("topk_kd.bucket", {"N": n, "k": 16}), ("fused_linear.forward_kl", {"N": n, "H": h}))
+    backends = BACKENDS_GPU if nccl else ("torch",)
+    return tuple(VPCase(op, shape, vocabs, reps, be) for op, shape in ops for be in backends)
 
 
-def select(patterns: list[str] | None, tiny: bool = False) -> list[VPCase]:
+def select(patterns: list[str] | None, tiny: bool = False,
+           nccl: bool | None = None) -> list[VPCase]:
     """Cases whose op matches a shell pattern, an op name or a family (`kd`)."""
-    every = list(cases(tiny))
+    every = list(cases(tiny, nccl))
     if not patterns:
         return every
     return [c for c in every
@@ -80,7 +106,8 @@ class VPResult:
     case: VPCase
     status: str = "ok"  # ok | error | timeout
     note: str = ""
-    backend: str = "gloo"
+    backend: str = "gloo"  # the collectives' backend (gloo | nccl)
+    ran: list = field(default_factory=list)  # the kdkernels backends recorded (every rank)
     # per vocabulary size (the keys of case.vocabs, as str): one entry per rank
     bytes: dict = field(default_factory=dict)
     calls: dict = field(default_factory=dict)
@@ -103,6 +130,14 @@ class VPResult:
         return list(self.times.get(str(v), []))
 
     @property
+    def provider(self) -> str:
+        """The provider column: the kdkernels backend(s) recorded while the steps ran (the
+        one asked for, for a row that did not run), the collectives' backend and the
+        ranks: `kdkernels[torch] gloo×2`."""
+        ran = "+".join(self.ran) if self.status == "ok" and self.ran else self.case.backend
+        return f"kdkernels[{ran}] {self.backend}×{WORLD}"
+
+    @property
     def passed(self) -> bool | None:
         """Bytes per step the same at both V and on every rank, and not zero."""
         if self.status != "ok":
@@ -115,8 +150,9 @@ class VPResult:
 # -- rank ------------------------------------------------------------------------------
 
 
-def _step_fn(op: str, shape: dict, v: int, a: int, b: int, device, gen):
-    """(leaves, step) for one case on columns [a, b): step() runs forward+backward."""
+def _step_fn(op: str, shape: dict, v: int, a: int, b: int, device, gen, backend: str):
+    """(leaves, step) for one case on columns [a, b): step() runs forward+backward on
+    `backend`."""
     import torch
 
     import kdkernels as K
@@ -135,7 +171,7 @@ def _step_fn(op: str, shape: dict, v: int, a: int, b: int, device, gen):
 
         def step():
             K.kd_loss(s, t, y, divergence=div, temperature=2.0, hard_label_weight=0.1,
-                      backend="torch", vocab_parallel=vp).backward()
+                      backend=backend, vocab_parallel=vp).backward()
         return [s], step
     if op == "topk_kd.bucket":
         k = shape["k"]
@@ -145,7 +181,7 @@ def _step_fn(op: str, shape: dict, v: int, a: int, b: int, device, gen):
 
         def step():
             K.topk_kd_loss(s, idx, vals, y, values="logprobs", tail="bucket",
-                           backend="torch", vocab_parallel=vp).backward()
+                           backend=backend, vocab_parallel=vp).backward()
         return [s], step
     if op == "fused_linear.forward_kl":
         h = shape["H"]
@@ -157,10 +193,21 @@ def _step_fn(op: str, shape: dict, v: int, a: int, b: int, device, gen):
 
         def step():
             K.fused_linear_kd_loss(hs, ws, ht, wt, y, divergence="forward_kl",
-                                   temperature=2.0, hard_label_weight=0.1, backend="torch",
+                                   temperature=2.0, hard_label_weight=0.1, backend=backend,
                                    vocab_parallel=vp).backward()
         return [hs, ws], step
     raise KeyError(f"unknown vocab-parallel case {op!r}")
+
+
+def backends_ran(case: VPCase, dispatched: list[tuple[str, str]]) -> set[str]:
+    """The backends recorded in one step of `case`; RuntimeError (the case's error row)
+    when nothing was recorded or anything ran on another backend than the one asked for."""
+    from .providers import label_mismatch
+
+    why = label_mismatch(case.provider, dispatched)
+    if why is not None:
+        raise RuntimeError(f"backend={case.backend!r}: {why}")
+    return {be for _, be in dispatched}
 
 
 def _rank_main(rank: int, world: int, init: str, out: str, tiny: bool,
@@ -168,6 +215,7 @@ def _rank_main(rank: int, world: int, init: str, out: str, tiny: bool,
     import torch
     import torch.distributed as dist
 
+    from kdkernels._core.backend import recording
     from kdkernels.parallel import count_bytes
 
     nccl = torch.cuda.device_count() >= world
@@ -187,13 +235,15 @@ def _rank_main(rank: int, world: int, init: str, out: str, tiny: bool,
 
     res: dict = {"backend": backend, "cases": {}}
     try:
-        for case in select(patterns, tiny):
+        for case in select(patterns, tiny, nccl):
             row: dict = {"bytes": {}, "calls": {}, "times": {}}
+            ran: set = set()
             try:
                 for v in case.vocabs:
                     a, b = rank * v // world, (rank + 1) * v // world
                     gen = torch.Generator().manual_seed(v)  # the same full tensors everywhere
-                    leaves, step = _step_fn(case.op, case.shape, v, a, b, device, gen)
+                    leaves, step = _step_fn(case.op, case.shape, v, a, b, device, gen,
+                                            case.backend)
                     times, counted = [], None
                     for i in range(1 + case.reps):
                         for t in leaves:
@@ -201,10 +251,11 @@ def _rank_main(rank: int, world: int, init: str, out: str, tiny: bool,
                         sync()
                         dist.barrier()
                         t0 = time.perf_counter()
-                        with count_bytes() as calls:
+                        with count_bytes() as calls, recording() as dispatched:
                             step()
                         sync()
                         dt = time.perf_counter() - t0
+                        ran.update(backends_ran(case, dispatched))
                         if counted is not None and sum(calls) != sum(counted):
                             raise RuntimeError(f"bytes differ between steps at V={v}: "
                                                f"{sum(counted)} then {sum(calls)}")
@@ -215,9 +266,10 @@ def _rank_main(rank: int, world: int, init: str, out: str, tiny: bool,
                     row["calls"][str(v)] = len(counted)
                     row["times"][str(v)] = statistics.median(times)
                     del leaves, step
+                row["ran"] = sorted(ran)
             except Exception as e:  # noqa: BLE001 - reported as the case's error row
                 row = {"error": f"{type(e).__name__}: {e}"[:300]}
-            res["cases"][case.op] = row
+            res["cases"][case.id] = row
     finally:
         with open(out, "w") as f:
             json.dump(res, f)
@@ -228,10 +280,13 @@ def _rank_main(rank: int, world: int, init: str, out: str, tiny: bool,
 
 
 def run_all(selected: list[VPCase], tiny: bool = False, patterns: list[str] | None = None,
-            timeout_s: float = 600.0, progress=None) -> list[VPResult]:
-    """Run `selected` (which must be `select(patterns, tiny)`) in one 2-rank job."""
+            timeout_s: float | None = None, progress=None) -> list[VPResult]:
+    """Run `selected` (which must be `select(patterns, tiny)`) in one 2-rank job, within
+    `timeout_s` (default: 600 s, plus 60 s per case past the CPU's four)."""
     if not selected:
         return []
+    if timeout_s is None:
+        timeout_s = 600.0 + 60.0 * max(0, len(selected) - 4)
     if progress is not None:
         progress.set_postfix_str(f"vocab-parallel: {len(selected)} cases on {WORLD} ranks",
                                  refresh=True)
@@ -276,13 +331,14 @@ def run_all(selected: list[VPCase], tiny: bool = False, patterns: list[str] | No
                                                                       "a rank wrote nothing")
             return results
     for res in results:
-        rows = [d["cases"].get(res.case.op) for d in data]
+        rows = [d["cases"].get(res.case.id) for d in data]
         res.backend = data[0]["backend"]
         bad = [r for r in rows if r is None or "error" in r]
         if bad:
             res.status = "error"
             res.note = (bad[0] or {}).get("error", "not run on every rank")
             continue
+        res.ran = sorted({be for r in rows for be in r["ran"]})
         for v in map(str, res.case.vocabs):
             res.bytes[v] = [r["bytes"][v] for r in rows]
             res.calls[v] = [r["calls"][v] for r in rows]
@@ -306,9 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in run_all(select(args.pattern, args.tiny), args.tiny, args.pattern):
         small, large = r.case.vocabs
         if r.status != "ok":
-            print(f"{r.case.op}: {r.status}: {r.note}")
+            print(f"{r.case.id}: {r.status}: {r.note}")
             continue
-        print(f"{r.case.op} ({r.backend} x{WORLD}) N={r.case.shape['N']}: bytes/step/rank "
+        print(f"{r.case.op} ({r.provider}) N={r.case.shape['N']}: bytes/step/rank "
               f"{r.bytes[str(small)]} (V={small}) {r.bytes[str(large)]} (V={large}), "
               f"{r.bytes_per_row(small):g} B/row, ratio {r.ratio:g}, s/step/rank "
               f"{r.times[str(small)]} / {r.times[str(large)]}: "

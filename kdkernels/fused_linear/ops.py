@@ -11,6 +11,8 @@ Both fused losses share one chunk loop (`chunk_loop`). Per chunk of C token rows
 The divergence step is the only difference between them:
 - `fused_linear_kd_loss` (`_KDStep`): the teacher logits Z_t = h_t W_tᵀ + b_t,
   T = f_t(Z_t) into a C x v buffer of their own, then `kd_fwd(S, T)`;
+- `fused_linear_kd_loss` with a stored teacher (`_StoredStep`): `kd_fwd(S, T)` on the
+  chunk's rows of the stored logits / log-probabilities, read in place (no teacher GEMM);
 - `fused_linear_topk_kd_loss` (`_TopKStep`): `topk_kd_fwd(S, idx, vals)` on the chunk's
   rows of the stored teacher top-k (no teacher buffer, no teacher GEMM).
 
@@ -36,7 +38,7 @@ from .._core.backend import Dispatch, Impl
 from .._core.chunking import chunk_rows
 from .._core.customop import custom_op
 from ..kd.ops import kd_fwd
-from ..kd.params import ZERO
+from ..kd.params import ZERO, KDParams, resolve
 from ..topk.ops import TOPK_KD_FWD, topk_kd_fwd
 
 _CUDA_OUT_DTYPE_GEMM = [True]  # addmm(..., out_dtype=float32) works here (until it raises)
@@ -149,17 +151,23 @@ def _accumulate_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: 
             acc[r0 : r0 + rows].addmm_(a[r0 : r0 + rows].to(acc.dtype), b32, alpha=alpha)
 
 
-@custom_op("fused_linear_kd_fwd", mutates=("loss", "grad_h", "grad_w", "grad_b"))
-def fused_linear_kd_fwd(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor,
-                        bt: Tensor | None, labels: Tensor | None, scale: Tensor,
+@custom_op("fused_linear_kd_fwd", mutates=("loss", "grad_h", "grad_w", "grad_b", "parts"))
+def fused_linear_kd_fwd(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor,
+                        wt: Tensor | None, bt: Tensor | None, labels: Tensor | None, scale: Tensor,
                         row_scale: Tensor | None, loss: Tensor, grad_h: Tensor, grad_w: Tensor,
                         grad_b: Tensor, backend: str, chunk: int, s_cap: float, s_mult: float,
                         t_cap: float, t_mult: float, div: int, inv_temp: float, w: float,
-                        soft_w: float, hard_w: float, ignore_index: int, v: int) -> None:
+                        soft_w: float, hard_w: float, ignore_index: int, v: int,
+                        temperature: Tensor | None = None,
+                        taid_t: Tensor | None = None, inv_temp_t: float | None = None,
+                        tau_sq: bool = False, teacher_temperature: Tensor | None = None,
+                        parts: Tensor | None = None) -> None:
     """Per-row losses into loss[N] and the student gradients, chunk by chunk.
 
     hs: [N, H_s] student hidden rows; ws: [V_s, H_s]; bs: [V_s] or None.
-    ht: [N, H_t] teacher hidden rows; wt: [V_t, H_t]; bt: [V_t] or None.
+    ht: [N, H_t] teacher hidden rows; wt: [V_t, H_t]; bt: [V_t] or None. A stored teacher
+    instead: wt and bt None, ht its values [N, V_t] (or a [N1, N2, V_t] row view; any float
+    dtype, unit column stride), t_cap 0, t_mult 1 (`StoredRows`).
     labels: [N] or None; scale: 0-dim float32 (multiplies every gradient);
     row_scale: [N] float32 or None (per-row upstream gradient, for reduction='none').
     loss: [N] float32 (unscaled per-row losses). Gradients of Σ_n scale·r_n·L_n, each
@@ -167,10 +175,17 @@ def fused_linear_kd_fwd(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, w
     [v, H_s] and grad_b [v] (accumulated into; float32, or the weight's dtype when the
     caller asked for weight_grad_accumulation='weight'). s_cap/t_cap: softcap c,
     0 for none; s_mult/t_mult: logit scale m. v: vocabulary columns used (<= V_s, V_t).
+    temperature / taid_t / teacher_temperature: 0-dim tensors whose values replace
+    inv_temp / w / inv_temp_t (read and checked here, before any GEMM:
+    kd.params.resolve); inv_temp_t, tau_sq: KDParams' (None: the student's 1/τ).
+    parts: None or [N, 2] float32, each row's soft and hard addends (kd.ops.kd_fwd).
     """
+    prm = KDParams(div, inv_temp, w, soft_w, hard_w, ignore_index, inv_temp_t, tau_sq)
+    if temperature is not None or taid_t is not None or teacher_temperature is not None:
+        prm = resolve(prm, temperature, taid_t, teacher_temperature)
     FUSED(backend, hs, ws, bs, ht, wt, bt, labels, scale, row_scale, loss, grad_h, grad_w,
-          grad_b, backend, chunk, s_cap, s_mult, t_cap, t_mult, div, inv_temp, w, soft_w,
-          hard_w, ignore_index, v)
+          grad_b, backend, chunk, s_cap, s_mult, t_cap, t_mult, *prm[:6], v, prm.inv_temp_t,
+          parts)
 
 
 @custom_op("fused_linear_topk_kd_fwd", mutates=("loss", "grad_h", "grad_w", "grad_b"))
@@ -180,13 +195,14 @@ def fused_linear_topk_kd_fwd(hs: Tensor, ws: Tensor, bs: Tensor | None, idx: Ten
                              grad_w: Tensor, grad_b: Tensor, backend: str, chunk: int,
                              s_cap: float, s_mult: float, code: int, beta: float,
                              inv_temp: float, logprobs: bool, bucket: bool,
-                             ignore_index: int) -> None:
+                             ignore_index: int, soft_w: float, hard_w: float) -> None:
     """`fused_linear_kd_fwd` against a stored teacher top-k: idx [N, k] (−1 = padding) and
-    vals [N, k] replace the teacher head; code, beta, inv_temp, logprobs, bucket and
-    ignore_index are `topk_kd_fwd`'s. Every vocabulary column of ws is used (v = V_s)."""
+    vals [N, k] replace the teacher head; code, beta (`topk_kd_fwd`'s w), inv_temp,
+    logprobs, bucket, ignore_index, soft_w and hard_w are `topk_kd_fwd`'s. Every
+    vocabulary column of ws is used (v = V_s)."""
     FUSED_TOPK(backend, hs, ws, bs, idx, vals, labels, scale, row_scale, loss, grad_h, grad_w,
                grad_b, backend, chunk, s_cap, s_mult, code, beta, inv_temp, logprobs, bucket,
-               ignore_index)
+               ignore_index, soft_w, hard_w)
 
 
 class _KDStep:
@@ -213,7 +229,7 @@ class _KDStep:
                 SOFTCAP_FWD(self.backend, t_blk, t_blk, self.t_cap)
             else:
                 _logits(ht, self.wt_v, self.bt_v, self.t_mult, t_blk)
-        kd_fwd(s_blk, self.scale, loss_blk, grad_blk, self.backend, y, t_blk, *self.kd_args)
+        _kd_chunk(self, r0, r1, s_blk, loss_blk, grad_blk, y, t_blk)
 
 
 class _TopKStep:
@@ -221,36 +237,103 @@ class _TopKStep:
     rows of the stored teacher top-k (nothing to compute for the teacher)."""
 
     def __init__(self, idx, vals, code, beta, inv_temp, logprobs, bucket, ignore_index,
-                 scale, backend):
+                 soft_w, hard_w, scale, backend):
         self.idx, self.vals, self.scale, self.backend = idx, vals, scale, backend
-        self.args = (code, beta, inv_temp, logprobs, bucket, ignore_index)
+        self.args = (code, beta, inv_temp, logprobs, bucket, ignore_index, soft_w, hard_w)
 
     def __call__(self, r0, r1, s_blk, loss_blk, grad_blk, y):
         topk_kd_fwd(s_blk, self.scale, loss_blk, grad_blk, self.backend, y, self.idx[r0:r1],
                     self.vals[r0:r1], *self.args)
 
 
+class StoredRows:
+    """Rows r0..r1 of a stored teacher t ([N, V_t], or a [N1, N2, V_t] row view: rows at two
+    strides, e.g. `logits[:, :-1]` of [B, T, V_t]; unit column stride) as an [r1 − r0, ≥ v]
+    block with one row stride and unit column stride, which every divergence launcher
+    takes: a slice of t itself (no copy) when t is [N, V_t] in the wanted dtype; else
+    copied into a chunk buffer [rows, v] (one copy per outer index the chunk spans), in
+    t's own dtype or in `dtype` (the cuda kd kernels take one dtype for both operands)."""
+
+    def __init__(self, t, v, rows, dtype=None):
+        self.t, self.v = t, v
+        dtype = t.dtype if dtype is None else dtype
+        self.buf = (torch.empty(rows, v, dtype=dtype, device=t.device)
+                    if t.dim() == 3 or dtype != t.dtype else None)
+
+    def __call__(self, r0, r1):
+        t = self.t
+        if self.buf is None:
+            return t[r0:r1]
+        out = self.buf[: r1 - r0]
+        if t.dim() == 2:
+            return out.copy_(t[r0:r1, : self.v])
+        n2 = t.shape[1]
+        for b in range(r0 // n2, (r1 - 1) // n2 + 1):
+            lo, hi = max(r0, b * n2), min(r1, (b + 1) * n2)
+            out[lo - r0 : hi - r0].copy_(t[b, lo - b * n2 : hi - b * n2, : self.v])
+        return out
+
+
+class _StoredStep:
+    """The divergence step of `fused_linear_kd_loss` with a stored teacher (no teacher
+    head): `kd_fwd` on the chunk's rows of the stored values, read in place in their own
+    dtype (`StoredRows`). On 'cuda', whose kd kernels take one dtype, a teacher of
+    another dtype is widened chunk by chunk into a buffer of the student's (the caller
+    allows exact widenings only: bf16/fp16 into float32)."""
+
+    def __init__(self, t, div, inv_temp, w, soft_w, hard_w, ignore_index, v, scale, backend,
+                 rows, s_buf):
+        self.scale, self.backend = scale, backend
+        self.kd_args = (div, inv_temp, w, soft_w, hard_w, ignore_index, v)
+        widen = s_buf.dtype if backend == "cuda" and t.dtype != s_buf.dtype else None
+        self.rows = StoredRows(t, v, rows, widen) if div != ZERO else None
+
+    def __call__(self, r0, r1, s_blk, loss_blk, grad_blk, y):
+        t_blk = self.rows(r0, r1) if self.rows is not None else s_blk  # ZERO: never read
+        _kd_chunk(self, r0, r1, s_blk, loss_blk, grad_blk, y, t_blk)
+
+
+def _kd_chunk(step, r0, r1, s_blk, loss_blk, grad_blk, y, t_blk) -> None:
+    """`kd_fwd` on rows r0..r1 with a step's kd arguments, its teacher's 1/τ_t and its rows
+    of the parts buffer (set by run_chunks: None when not asked for)."""
+    parts = getattr(step, "parts", None)
+    kd_fwd(s_blk, step.scale, loss_blk, grad_blk, step.backend, y, t_blk, *step.kd_args,
+           inv_temp_t=getattr(step, "inv_temp_t", None),
+           parts=None if parts is None else parts[r0:r1])
+
+
 def run_chunks(
         hs, ws, bs, ht, wt, bt, labels, scale, row_scale, loss, grad_h, grad_w, grad_b, backend,
         chunk, s_cap, s_mult, t_cap, t_mult, div, inv_temp, w, soft_w, hard_w, ignore_index, v,
+        inv_temp_t=None, parts=None,
 ) -> None:
-    """The chunk loop of `fused_linear_kd_fwd` (same arguments), every step on `backend`."""
+    """The chunk loop of `fused_linear_kd_fwd` (same arguments), every step on `backend`;
+    wt None: ht is the stored teacher (`_StoredStep`). inv_temp_t: the teacher's 1/τ_t
+    (None: inv_temp); parts: None or [N, 2] (kd.ops.kd_fwd)."""
+    def make_step(rows, s_buf):
+        if wt is None:
+            step = _StoredStep(ht, div, inv_temp, w, soft_w, hard_w, ignore_index, v, scale,
+                               backend, rows, s_buf)
+        else:
+            step = _KDStep(ht, wt, bt, t_cap, t_mult, div, inv_temp, w, soft_w, hard_w,
+                           ignore_index, v, scale, backend, rows, s_buf)
+        step.inv_temp_t, step.parts = inv_temp_t, parts
+        return step
+
     chunk_loop(hs, ws, bs, labels, scale, row_scale, loss, grad_h, grad_w, grad_b, backend,
-               chunk, s_cap, s_mult, v, ignore_index,
-               lambda rows, s_buf: _KDStep(ht, wt, bt, t_cap, t_mult, div, inv_temp, w, soft_w,
-                                           hard_w, ignore_index, v, scale, backend, rows,
-                                           s_buf))
+               chunk, s_cap, s_mult, v, ignore_index, make_step)
 
 
 def run_topk_chunks(
         hs, ws, bs, idx, vals, labels, scale, row_scale, loss, grad_h, grad_w, grad_b, backend,
-        chunk, s_cap, s_mult, code, beta, inv_temp, logprobs, bucket, ignore_index,
+        chunk, s_cap, s_mult, code, beta, inv_temp, logprobs, bucket, ignore_index, soft_w,
+        hard_w,
 ) -> None:
     """The chunk loop of `fused_linear_topk_kd_fwd` (same arguments), every step on `backend`."""
     chunk_loop(hs, ws, bs, labels, scale, row_scale, loss, grad_h, grad_w, grad_b, backend,
                chunk, s_cap, s_mult, ws.shape[0], ignore_index,
                lambda rows, s_buf: _TopKStep(idx, vals, code, beta, inv_temp, logprobs, bucket,
-                                             ignore_index, scale, backend))
+                                             ignore_index, soft_w, hard_w, scale, backend))
 
 
 def chunk_loop(hs, ws, bs, labels, scale, row_scale, loss, grad_h, grad_w, grad_b, backend,
@@ -262,11 +345,21 @@ def chunk_loop(hs, ws, bs, labels, scale, row_scale, loss, grad_h, grad_w, grad_
     `make_step(rows, s_buf)` builds the step once per call (it may allocate chunk buffers
     of its own, or reuse s_buf where it needs none). Ignored rows' hidden states are
     replaced by zeros before the GEMM: an inf/NaN there reaches no logit and no gradient
-    (not even through 0·NaN in the weight GEMM)."""
+    (not even through 0·NaN in the weight GEMM). Autocast is off inside: the caller
+    casts the GEMM inputs (as autocast would for a linear layer), and the loop's own
+    GEMMs and kernels run in exactly those dtypes."""
     n = hs.shape[0]
     rows = min(chunk, n)
     if rows == 0:
         return
+    with torch.autocast(hs.device.type, enabled=False):
+        _chunk_loop(hs, ws, bs, labels, row_scale, loss, grad_h, grad_w, grad_b, backend,
+                    s_cap, s_mult, v, ignore_index, make_step, rows)
+
+
+def _chunk_loop(hs, ws, bs, labels, row_scale, loss, grad_h, grad_w, grad_b, backend, s_cap,
+                s_mult, v, ignore_index, make_step, rows) -> None:
+    n = hs.shape[0]
     want_h, want_w, want_b = grad_h.numel() > 0, grad_w.numel() > 0, grad_b.numel() > 0
     want_grad = want_h or want_w or want_b
     ws_v = ws[:v]

@@ -6,32 +6,15 @@ from __future__ import annotations
 import torch
 
 from .._core.backend import Backend
-from .._core.validate import check_float_tensor, check_int, check_number, check_same_device
+from .._core.rowmask import check_row_mask, kept_rows
+from .._core.validate import (
+    check_float_tensor,
+    check_int,
+    check_labels,
+    check_number,
+    check_same_device,
+)
 from .ops import GRAPH_LOSS, LOGIT_GRAPH
-
-
-def _check_mask(mask, shape, device):
-    """Bool mask of `shape` (bool, or integer 0/1: values checked on CPU tensors), or None."""
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.dtype.is_floating_point or mask.dtype.is_complex:
-        raise TypeError(f"mask must be a bool or integer tensor, got {mask.dtype}")
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"mask must have shape {tuple(shape)}, got {tuple(mask.shape)}")
-    if mask.device != device:
-        raise ValueError(f"mask is on {mask.device} but the logits are on {device}")
-    if mask.dtype == torch.bool:
-        return mask
-    if mask.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = (mask != 0) & (mask != 1)
-        if bool(bad.any()):
-            raise ValueError(
-                f"an integer mask must hold 0 (masked) or 1 (valid), found "
-                f"{mask[bad].flatten()[0].item()}; pass a bool mask"
-            )
-    return mask != 0
 
 
 def topk_logit_graph(
@@ -65,7 +48,7 @@ def topk_logit_graph(
     if k > v:
         raise ValueError(f"k must be <= V = {v}, got {k}")
     temperature = check_number("temperature", temperature, lo=0.0, lo_open=True)
-    valid = _check_mask(mask, (t_len,), z.device)
+    valid = check_row_mask(mask, (t_len,), z.device)
     be = LOGIT_GRAPH.resolve(backend, z.device)
     zz = z if z.stride(-1) == 1 else z.contiguous()
     return LOGIT_GRAPH(be, zz, k, 1.0 / temperature, valid)
@@ -78,6 +61,8 @@ def graph_on_logits_loss(
     *,
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Graph-on-logits distillation loss (docs/spec.md §5, after InfiGFusion's GLD).
@@ -87,7 +72,12 @@ def graph_on_logits_loss(
         teacher_logits: [G, T, V_t] float tensor (V_t may differ from V_s); a constant.
         k: top-k entries per position, 1 <= k <= min(V_s, V_t).
         temperature: τ > 0.
-        mask: optional [G, T] bool (or 0/1 integer) tensor of valid positions.
+        mask: optional [G, T] bool (or 0/1 integer) tensor of valid positions (True =
+            keep).
+        labels: optional [G, T] integer tensor (student classes); positions whose label
+            is `ignore_index` are masked (the labels are used for nothing else). With
+            `mask` too, a position is valid where both keep it.
+        ignore_index: the label of masked positions.
         backend: 'auto' | 'torch' | 'triton' | 'cuda' ('auto' takes torch until a GPU
             run validates the kernels; triton, cuda: k <= 256, not float64).
 
@@ -113,7 +103,9 @@ def graph_on_logits_loss(
     if k > min(v_s, v_t):
         raise ValueError(f"k must be <= min(V_s, V_t) = {min(v_s, v_t)}, got {k}")
     temperature = check_number("temperature", temperature, lo=0.0, lo_open=True)
-    valid = _check_mask(mask, (g, t_len), device)
+    ignore_index = check_int("ignore_index", ignore_index)
+    check_labels(labels, (g, t_len), v_s, ignore_index, device)
+    valid = kept_rows(labels, ignore_index, check_row_mask(mask, (g, t_len), device))
     be = GRAPH_LOSS.resolve(backend, device)
     if g == 0 or t_len == 0:
         return s.new_zeros((), dtype=torch.float32) + 0.0 * s.sum()

@@ -59,14 +59,16 @@ def plan_override() -> tuple[int, int]:
     return _PATHS[name], int(cluster) if cluster else 0
 
 
-def kd_fwd_cuda(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int) -> None:
+def kd_fwd_cuda(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int,
+                parts=None) -> None:
     """Fill loss_out[N] (float32) and, if grad_out is non-empty, grad_out[N, Vg] =
     scale·∂L_n/∂s (zero at ignored rows and at columns >= v).
 
-    s: [N, Vs], t: [N, Vt] (same dtype, >= v columns each, unit column stride),
+    s: [N, Vs], t: [N, Vt] (same dtype, >= v columns each, unit column stride, rows at one
+    stride: ops.kd_fwd hands a [N1, N2, V] row view over one outer index at a time),
     labels: [N] int32/int64 or None, scale: 0-dim float32 on the device (read there),
     loss_out: [N] float32 contiguous, grad_out: [N, Vg] in s's dtype or empty; it may
-    alias s.
+    alias s. parts: None or [N, 2] float32 (each row's soft and hard addends).
     """
     n = s.shape[0]
     if n == 0:
@@ -76,7 +78,11 @@ def kd_fwd_cuda(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int) 
         raise TypeError(reason)
     check_rows("student logits", s)
     check_rows("teacher logits", t)
-    compute_grad, scale, labels = row_outputs(s, v, loss_out, grad_out, scale, labels,
+    # return_components: the kernel writes the loss and its two addends as rows of one
+    # [3, N] buffer (loss[n + k·N], one base pointer: kd.cuh says why), copied out after
+    buf = None if parts is None else torch.empty(3, n, dtype=torch.float32, device=s.device)
+    loss_k = loss_out if buf is None else buf[0]
+    compute_grad, scale, labels = row_outputs(s, v, loss_k, grad_out, scale, labels,
                                               wider_grad=True)
     force_path, force_cluster = plan_override()
     dev = s.device
@@ -87,7 +93,7 @@ def kd_fwd_cuda(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int) 
         labels is not None and labels.dtype == torch.int64,
         labels.stride(0) if labels is not None else 0,
         scale.data_ptr(),
-        loss_out.data_ptr(),
+        loss_k.data_ptr(),
         grad_out.data_ptr() if compute_grad else 0,
         n,
         v,
@@ -109,7 +115,12 @@ def kd_fwd_cuda(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int) 
         stream(dev),
         force_path,
         force_cluster,
+        inv_temp_t=prm.teacher_inv_temp,
+        parts_stride=0 if buf is None else n,
     )
+    if buf is not None:
+        loss_out.copy_(buf[0])
+        parts.copy_(buf[1:].t())
 
 
 def kd_plan(v: int, dtype: torch.dtype, div: int = FWD_KL, device=None) -> dict:

@@ -42,7 +42,7 @@ from .._core.backend import BackendUnavailableError, device_reason, requested
 from .._core.chunking import chunk_rows
 from .._core.rowgrad import row_policy
 from ..parallel import Shards, all_reduce
-from .params import FWD_KL, REV_KL, TAID, TVD, ZERO, KDParams
+from .params import COSINE, DKD, FWD_KL, NKD, REV_KL, TAID, TVD, ZERO, KDParams
 from .pytorch import _pair_terms, _xlog
 
 _NEG_INF = float("-inf")
@@ -55,21 +55,37 @@ def _masked(d):
 
 
 def kd_fwd_vocab_parallel(s, scale, loss_out, grad_out, backend, labels, t, prm: KDParams,
-                          sh: Shards) -> None:
+                          sh: Shards, parts=None) -> None:
     """Fill loss_out[N] (float32, unscaled per-row losses, the same on every rank) and, if
     grad_out is non-empty, grad_out[N, W] = scale·∂L_n/∂s at this rank's columns.
 
     s, t: [N, W] local logits (W = sh.stop − sh.start); labels: [N] global ids or None;
     scale: 0-dim float tensor. Every rank of sh.group must call it with the same N.
+    parts: None or [N, 2] float32, each row's addends soft_w·D_n, hard_w·CE_n.
     """
+    if prm.div in (DKD, NKD, COSINE):  # torch only: kd_loss refuses the others first
+        from .parallel_target import kd_fwd_vocab_parallel_target
+
+        if backend != "torch":
+            raise BackendUnavailableError(f"divergence code {prm.div} runs vocabulary-"
+                                          "parallel on backend='torch' only")
+        return kd_fwd_vocab_parallel_target(s, scale, loss_out, grad_out, labels, t, prm, sh,
+                                            parts)
     if backend == "triton":  # the same three phases, local work in Triton kernels
         from .parallel_triton import kd_fwd_vocab_parallel_triton
 
-        return kd_fwd_vocab_parallel_triton(s, scale, loss_out, grad_out, labels, t, prm, sh)
+        return kd_fwd_vocab_parallel_triton(s, scale, loss_out, grad_out, labels, t, prm, sh,
+                                            parts)
+    if backend == "cuda":  # the same three phases, local work in CUDA kernels
+        from .parallel_cuda import kd_fwd_vocab_parallel_cuda
+
+        return kd_fwd_vocab_parallel_cuda(s, scale, loss_out, grad_out, labels, t, prm, sh,
+                                          parts)
     n, _ = s.shape
     f64 = torch.float64
     want_grad = grad_out.numel() > 0
     code, it, w = prm.div, prm.inv_temp, prm.w
+    it_t = prm.teacher_inv_temp
     use_b = code != ZERO
     use_x = prm.hard_w != 0.0 and it != 1.0
     scale64 = scale.to(device=s.device, dtype=f64)
@@ -81,8 +97,8 @@ def kd_fwd_vocab_parallel(s, scale, loss_out, grad_out, backend, labels, t, prm:
         dists, bad_loc = [a], bad_x
         if use_b:
             b = t[r0:r1].to(f64)
-            if it != 1.0:
-                b = b * it
+            if it_t != 1.0:
+                b = b * it_t
             if code == TAID:  # r = softmax((1−λ) a + λ b): a NaN in a or b reaches the mix
                 b = (1 - w) * s[r0:r1].to(f64) * it + w * b
             b, bad_b = _masked(b)
@@ -168,11 +184,16 @@ def kd_fwd_vocab_parallel(s, scale, loss_out, grad_out, backend, labels, t, prm:
         if prm.hard_w != 0.0:
             part[:, 3] = torch.where(owns_y, x.gather(-1, y_loc).squeeze(-1), 0.0)
         all_reduce(part, "sum", sh.group)
-        loss = prm.soft_w * part[:, 0].clamp_min(0.0)
+        loss = soft = prm.soft_w * part[:, 0].clamp_min(0.0)
         lse_x = lse[:, -1] if use_x else lse[:, 0]  # (τ = 1: x = a)
+        hard = torch.zeros_like(loss)
         if prm.hard_w != 0.0:
-            loss = loss + prm.hard_w * (lse_x - part[:, 3])
+            hard = prm.hard_w * (lse_x - part[:, 3])
+            loss = loss + hard
         loss_out[r0:r1] = row_policy(loss, bad, valid)
+        if parts is not None:
+            parts[r0:r1, 0] = row_policy(soft, bad, valid)
+            parts[r0:r1, 1] = row_policy(hard, bad, valid)
         if not want_grad:
             continue
         # --- phase 3: the local gradient
@@ -204,22 +225,19 @@ def kd_fwd_vocab_parallel(s, scale, loss_out, grad_out, backend, labels, t, prm:
 
 
 def vocab_parallel_backend(backend, device, op: str = "kd_loss") -> str:
-    """The backend vocabulary-parallel `kd_loss` (or `topk_kd_loss`, `op`) runs: 'torch'
-    or 'triton'.
+    """The backend vocabulary-parallel `kd_loss` (or `topk_kd_loss`, `op`) runs: 'torch',
+    'triton' or 'cuda'.
 
     'auto' (and KDKERNELS_BACKEND=auto) takes 'torch' on every device; an explicit
     'triton' runs where the triton backend can (CUDA tensors, or TRITON_INTERPRET=1 on
-    the CPU) and raises BackendUnavailableError elsewhere; 'cuda' raises (no CUDA
-    two-phase kernels). The checks are local, so call it before any collective."""
+    the CPU), an explicit 'cuda' where the CUDA extension can (CUDA tensors, the module
+    built, a device), and both raise BackendUnavailableError with the reason elsewhere.
+    The checks are local, so call it before any collective."""
     name, _ = requested(backend)
-    if name == "cuda":
-        raise BackendUnavailableError(
-            f"{op}: backend='cuda' cannot run with vocab_parallel: the two-phase "
-            "vocabulary-parallel kernels exist for backend='torch' and 'triton' only"
-        )
-    if name == "triton":
-        why = device_reason("triton", device)
+    if name in ("triton", "cuda"):
+        why = device_reason(name, device)
         if why is not None:
-            raise BackendUnavailableError(f"{op} with vocab_parallel: {why}")
-        return "triton"
+            raise BackendUnavailableError(
+                f"{op}: backend={name!r} cannot run with vocab_parallel: {why}")
+        return name
     return "torch"

@@ -3,7 +3,8 @@
 The same three phases as the torch launcher (kdkernels/kd/parallel.py), with the local
 work of each phase done by one kernel that streams this rank's [N, W] shard once, one
 program per row, and the O(N) glue between them (the all-reduces, through
-kdkernels.parallel.all_reduce, and a few [N, ·] tensor operations) in PyTorch:
+kdkernels.parallel.all_reduce, and a few [N, ·] tensor operations) in PyTorch, shared
+with the CUDA launcher (kd/parallel_glue.py: the buffers' layout and the collectives):
 
   stats     per distribution d ∈ {a = s/τ, b = t/τ or TAID's mix, x = s}: the local row
             max m over the finite-or-−inf entries, Z'_loc = Σ e^{d − m} without the local
@@ -29,16 +30,14 @@ Collectives carry float64, as in the torch path (the same tensors, the same byte
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from .._core.rowgrad import row_policy
 from .._triton.math import expm1, safe_max
 from .._triton.tiles import row_tile
-from ..parallel import Shards, all_reduce
+from ..parallel import Shards
+from .parallel_glue import N_PART, N_STATS, dists, global_normalisers, reduce_partials
 from .params import FWD_KL, JSD, REV_KL, SKEW_FWD, SKEW_REV, TAID, TVD, ZERO, KDParams
 from .triton import _pair_terms
 
@@ -47,11 +46,6 @@ C_FWD = tl.constexpr(FWD_KL)
 C_REV = tl.constexpr(REV_KL)
 C_TVD = tl.constexpr(TVD)
 C_TAID = tl.constexpr(TAID)
-
-N_STATS = 8  # m_a, m_b, m_x, flag, Z'_a, Z'_b, Z'_x, b at a's local argmax
-N_NORM = 9  # M_a, c_a, M_b, c_b, M_x, c_x, b_ref, G', P  (c = log1p(Z'))
-N_PART = 4  # Σ d, G', P, x_y
-
 
 # --- device functions ----------------------------------------------------------------
 
@@ -80,15 +74,15 @@ def _lane_total(m, z, star, lanes):
 
 
 @triton.jit
-def _load_dists(s_row, t_row, cols, msk, inv_temp, w, DIV: tl.constexpr):
-    """(x, a, b): the raw student logits x, a = x/τ and b = t/τ (TAID: the mix
+def _load_dists(s_row, t_row, cols, msk, inv_temp, inv_temp_t, w, DIV: tl.constexpr):
+    """(x, a, b): the raw student logits x, a = x/τ and b = t/τ_t (TAID: the mix
     (1−λ)a + λb), in the compute dtype (that of inv_temp); masked columns −inf."""
     NEG_INF: tl.constexpr = float("-inf")
     x = tl.load(s_row + cols, mask=msk, other=NEG_INF).to(inv_temp.dtype)
     a = x * inv_temp
     b = a
     if DIV != C_ZERO:
-        b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(inv_temp.dtype) * inv_temp
+        b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(inv_temp.dtype) * inv_temp_t
         if DIV == C_TAID:
             b = (1.0 - w) * a + w * b
     return x, a, b
@@ -114,6 +108,7 @@ def _vp_stats_kernel(
     lanes = tl.arange(0, BLOCK_V)
     NEG_INF: tl.constexpr = float("-inf")
     inv_temp = tl.load(PRM + 0).to(CDT)
+    inv_temp_t = tl.load(PRM + 6).to(CDT)  # the teacher's 1/τ_t
     w = tl.load(PRM + 1).to(CDT)
     m_a = tl.full([BLOCK_V], NEG_INF, CDT)
     z_a = tl.zeros([BLOCK_V], CDT)
@@ -138,7 +133,7 @@ def _vp_stats_kernel(
             m_a, z_a, took = _lane_step(m_a, z_a, a)
             i_a = tl.where(took, cols, i_a)
             if DIV != C_ZERO:
-                b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(CDT) * inv_temp
+                b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(CDT) * inv_temp_t
                 if DIV == C_TAID:  # from the raw s: a NaN or +inf there reaches the mix
                     b = (1.0 - w) * (x * inv_temp) + w * b
                 bb = (b != b) | (b == float("inf"))
@@ -182,6 +177,7 @@ def _vp_partials_kernel(
     t_row = T + row * stride_t
     lanes = tl.arange(0, BLOCK_V)
     inv_temp = tl.load(PRM + 0).to(CDT)
+    inv_temp_t = tl.load(PRM + 6).to(CDT)  # the teacher's 1/τ_t
     w = tl.load(PRM + 1).to(CDT)
     log_w = tl.load(PRM + 2).to(CDT)
     log_1mw = tl.load(PRM + 3).to(CDT)
@@ -206,12 +202,13 @@ def _vp_partials_kernel(
         if DIV != C_ZERO:
             diff_piv = 0.0
             if DIV == C_TVD:  # the pivot's p − q as Σ'q − Σ'p (both peak there: 1 − 1)
-                x_j, a_j, b_j = _load_dists(s_row, t_row, piv, piv < W, inv_temp, w, DIV)
+                x_j, a_j, b_j = _load_dists(s_row, t_row, piv, piv < W, inv_temp, inv_temp_t,
+                                            w, DIV)
                 diff_piv = expm1((b_j - m_b) - c_b) - expm1((a_j - m_a) - c_a)
             for off in range(0, W, BLOCK_V):
                 cols = off + lanes
                 msk = cols < W
-                _, a, b = _load_dists(s_row, t_row, cols, msk, inv_temp, w, DIV)
+                _, a, b = _load_dists(s_row, t_row, cols, msk, inv_temp, inv_temp_t, w, DIV)
                 la = a - m_a
                 logq = la - c_a
                 logp = (b - m_b) - c_b
@@ -257,6 +254,7 @@ def _vp_grad_kernel(
     g_row = GRAD + row * stride_g
     lanes = tl.arange(0, BLOCK_V)
     inv_temp = tl.load(PRM + 0).to(CDT)
+    inv_temp_t = tl.load(PRM + 6).to(CDT)  # the teacher's 1/τ_t
     w = tl.load(PRM + 1).to(CDT)
     log_w = tl.load(PRM + 2).to(CDT)
     log_1mw = tl.load(PRM + 3).to(CDT)
@@ -288,14 +286,17 @@ def _vp_grad_kernel(
         c_soft = soft_w * inv_temp * sc
         c_hard = hard_w * sc
         y_loc = y - start
-        x_j, a_j, b_j = _load_dists(s_row, t_row, piv, piv < W, inv_temp, w, DIV)
+        x_j, a_j, b_j = _load_dists(s_row, t_row, piv, piv < W, inv_temp, inv_temp_t, w,
+                                    DIV)
         logq_j = (a_j - m_a) - c_a
         logp_j = (b_j - m_b) - c_b
         diff_piv = expm1(logp_j) - expm1(logq_j)
+        # the pivot's logit is read before any gradient is written: GRAD may be S
+        tl.debug_barrier()
         for off in range(0, W, BLOCK_V):
             cols = off + lanes
             msk = cols < W
-            x, a, b = _load_dists(s_row, t_row, cols, msk, inv_temp, w, DIV)
+            x, a, b = _load_dists(s_row, t_row, cols, msk, inv_temp, inv_temp_t, w, DIV)
             la = a - m_a
             logq = la - c_a
             q = tl.exp(logq)
@@ -354,23 +355,21 @@ def _tl_dtype(dt: torch.dtype):
 
 
 def kd_fwd_vocab_parallel_triton(s, scale, loss_out, grad_out, labels, t, prm: KDParams,
-                                 sh: Shards) -> None:
+                                 sh: Shards, parts=None) -> None:
     """The contract of parallel.kd_fwd_vocab_parallel, with Triton kernels for the local
     work: loss_out[N] (float32, the same on every rank) and, when grad_out is non-empty,
-    grad_out[N, W] = scale·∂L_n/∂s at this rank's columns. s, t, grad_out: unit column
-    stride. Three all-reduces per call (every rank must use this backend alike)."""
+    grad_out[N, W] = scale·∂L_n/∂s at this rank's columns (grad_out may be s itself: the
+    fused losses' chunk buffer). s, t, grad_out: unit column stride. Three all-reduces
+    per call (every rank must use this backend alike)."""
     n, width = s.shape
     dev = s.device
     cdt = torch.float64 if s.dtype == torch.float64 else torch.float32
-    f64 = torch.float64
-    code, it = prm.div, prm.inv_temp
-    use_b = code != ZERO
-    hard = prm.hard_w != 0.0
-    use_x = hard and it != 1.0
+    code = prm.div
+    d = dists(prm)
     has_labels = labels is not None
     block, warps = row_tile(width, dev.type == "cpu")
-    prm_t = torch.tensor([it, prm.w, prm.log_w, prm.log_1mw, prm.soft_w, prm.hard_w],
-                         dtype=cdt, device=dev)
+    prm_t = torch.tensor([prm.inv_temp, prm.w, prm.log_w, prm.log_1mw, prm.soft_w,
+                          prm.hard_w, prm.teacher_inv_temp], dtype=cdt, device=dev)
     lab = labels if has_labels else loss_out  # a placeholder pointer, never read
     common = dict(DIV=code, HAS_LABELS=has_labels, CDT=_tl_dtype(cdt), BLOCK_V=block,
                   num_warps=warps)
@@ -379,62 +378,22 @@ def kd_fwd_vocab_parallel_triton(s, scale, loss_out, grad_out, labels, t, prm: K
     stats = torch.zeros(n, N_STATS, dtype=cdt, device=dev)
     piv = torch.empty(n, dtype=torch.int32, device=dev)
     _vp_stats_kernel[(n,)](s, t, lab, prm_t, stats, piv, s.stride(0), t.stride(0), width,
-                           prm.ignore_index, USE_X=use_x, **common)
-    st = stats.to(f64)
-    dcols = [0] + ([1] if use_b else []) + ([2] if use_x else [])
-    nd = len(dcols)
-    loc_m, loc_z = st[:, dcols], st[:, [c + 4 for c in dcols]]
-    mx = torch.cat([loc_m, st[:, 3:4]], 1)
-    all_reduce(mx, "max", sh.group)
-    big_m = mx[:, :nd]
-    bad = (mx[:, nd] > 0) | (big_m == -math.inf).any(-1)
-    m_safe = torch.where(torch.isfinite(big_m), big_m, 0.0)
-    claim = (loc_m == big_m) & torch.isfinite(big_m)
-    lost = torch.where(loc_m == -math.inf, 0.0, loc_z + 1.0) * torch.exp(loc_m - m_safe)
-    cols = [torch.where(claim, loc_z, lost), claim.to(f64)]
-    if code == REV_KL:  # b at the student's argmax, from the rank that holds it
-        cols.append(torch.where(claim[:, :1], st[:, 7:8], 0.0))
-    sm = torch.cat(cols, 1)
-    all_reduce(sm, "sum", sh.group)
-    count = sm[:, nd:2 * nd]
-    l1p = torch.log1p(sm[:, :nd] + (count - 1.0).clamp_min(0.0))
-    lse = m_safe + l1p
-    own = claim[:, 0] & (count[:, 0] == 1.0)
-    norm = torch.zeros(n, N_NORM, dtype=f64, device=dev)
-    for i, c in enumerate(dcols):
-        norm[:, 2 * c] = m_safe[:, i]
-        norm[:, 2 * c + 1] = l1p[:, i]
-    if use_b:
-        b_ref = m_safe[:, 1]  # jsd / skew: log r relative to M_b
-        if code == REV_KL:  # g = (a − M_a) − (b − b_{j*}): 0 at the pivot
-            lse_b = lse[:, 1]
-            b_j = torch.where(count[:, 0] == 1.0, sm[:, 2 * nd], lse_b)
-            b_ref = torch.where(torch.isfinite(b_j), b_j, lse_b)
-        norm[:, 6] = b_ref
-    flags = (bad.to(torch.int32) | (own.to(torch.int32) << 1)).contiguous()
-    norm_c = norm.to(cdt)
+                           prm.ignore_index, USE_X=d.use_x, **common)
+    nz = global_normalisers(stats, code, d, sh.group)
 
     # --- phase 2: partial sums with the global normalisers
     part = torch.empty(n, N_PART, dtype=cdt, device=dev)
-    _vp_partials_kernel[(n,)](s, t, lab, prm_t, norm_c, flags, piv, part, s.stride(0),
-                              t.stride(0), width, sh.start, prm.ignore_index, HARD=hard,
+    _vp_partials_kernel[(n,)](s, t, lab, prm_t, nz.norm, nz.flags, piv, part, s.stride(0),
+                              t.stride(0), width, sh.start, prm.ignore_index, HARD=d.hard,
                               **common)
-    part = part.to(f64)
-    all_reduce(part, "sum", sh.group)
-    loss = prm.soft_w * part[:, 0].clamp_min(0.0)
-    if hard:
-        lse_x = lse[:, -1] if use_x else lse[:, 0]  # (τ = 1: x = a)
-        loss = loss + prm.hard_w * (lse_x - part[:, 3])
-    valid = labels != prm.ignore_index if has_labels else None
-    loss_out.copy_(row_policy(loss, bad, valid))
+    reduce_partials(part, prm, d, nz, labels, loss_out, sh.group, parts)
     if grad_out.numel() == 0:
         return
 
     # --- phase 3: the local gradient (no communication)
-    norm_c[:, 7:9] = part[:, 1:3].to(cdt)
-    _vp_grad_kernel[(n,)](s, t, lab, prm_t, scale, norm_c, flags, piv, grad_out,
+    _vp_grad_kernel[(n,)](s, t, lab, prm_t, scale, nz.norm, nz.flags, piv, grad_out,
                           s.stride(0), t.stride(0), grad_out.stride(0), width, sh.start,
-                          prm.ignore_index, HARD=hard, USE_X=use_x, **common)
+                          prm.ignore_index, HARD=d.hard, USE_X=d.use_x, **common)
 
 
 # --- ahead-of-time compile variants --------------------------------------------------

@@ -33,17 +33,35 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .._core.chunking import chunk_rows
 from .._core.rowgrad import row_policy
 from .._core.validate import compute_dtype
-from .params import FWD_KL, JSD, REV_KL, SKEW_FWD, SKEW_REV, TAID, TVD, ZERO, KDParams
+from .params import (
+    COSINE,
+    DKD,
+    FWD_KL,
+    JSD,
+    NKD,
+    REV_KL,
+    SKEW_FWD,
+    SKEW_REV,
+    TAID,
+    TVD,
+    ZERO,
+    KDParams,
+)
 
 
 def _xlog(x, logx, logy):
     """x (log x − log y), 0 where x == 0 (covers entries masked to -inf in both)."""
     return torch.where(x > 0, x * (logx - logy), 0.0)
+
+
+def _softplus(x):
+    """log(1 + e^x) to the last bit at every x (F.softplus returns x above its threshold,
+    off by log1p(e^-x), ~2e-9 at x = 20)."""
+    return x.clamp_min(0).add_(torch.log1p(torch.exp(-x.abs())))
 
 
 def _pair_terms(code: int, logq, q, logp, p, w: float, a, b, piv):
@@ -76,7 +94,7 @@ def _pair_terms(code: int, logq, q, logp, p, w: float, a, b, piv):
     if code == JSD:
         logm = torch.logaddexp(logp + math.log(w), logq + math.log1p(-w))
         x = log_r.add_(math.log(w) - math.log1p(-w))
-        g = torch.where(q > 0, F.softplus(x).mul_(-(1 - w)), 0.0)
+        g = torch.where(q > 0, _softplus(x).mul_(-(1 - w)), 0.0)
         return w * _xlog(p, logp, logm) + _xlog(q, logq, logm) * (1 - w), g
     if code == SKEW_FWD:
         logm = torch.logaddexp(logp + math.log(w), logq + math.log1p(-w))
@@ -88,7 +106,7 @@ def _pair_terms(code: int, logq, q, logp, p, w: float, a, b, piv):
         x = log_r.add_(math.log1p(-w) - math.log(w))
         # (sigmoid − softplus cancels where both are ≈ w ≪ 1: rows whose gradient is that
         # small keep ~1e-3 of it here; the kernels evaluate it as a series instead)
-        g = torch.where(q > 0, torch.sigmoid(x) - F.softplus(x), 0.0)
+        g = torch.where(q > 0, torch.sigmoid(x) - _softplus(x), 0.0)
         return _xlog(q, logq, logm), g
     raise AssertionError(code)
 
@@ -130,14 +148,22 @@ def _near_one_hot_pivots(a, lq_max, logsm):
     return rows, a[rows].argmax(-1, keepdim=True)
 
 
-def kd_fwd_torch(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int) -> None:
+def kd_fwd_torch(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int,
+                 parts=None) -> None:
     """Fill loss_out[N] (float32, unscaled per-row losses) and, if grad_out is non-empty,
     grad_out[N, Vg] = scale·∂L_n/∂s (zero at ignored rows and at columns >= v).
 
     s: [N, Vs], t: [N, Vt] (both with >= v columns), labels: [N] or None,
     scale: 0-dim float tensor. grad_out may alias s: a chunk's logits are consumed
-    before its gradient is written.
+    before its gradient is written. parts: None or [N, 2] float32, each row's addends
+    soft_w·D_n and hard_w·CE_n (the loss is their sum; NaN / 0 as the loss).
     """
+    if prm.div in (DKD, NKD, COSINE):  # a label's target column, or row norms
+        from .cosine import kd_fwd_torch_cosine
+        from .decoupled import kd_fwd_torch_decoupled
+
+        fn = kd_fwd_torch_cosine if prm.div == COSINE else kd_fwd_torch_decoupled
+        return fn(s, t, labels, scale, loss_out, grad_out, prm, v, parts)
     n = s.shape[0]
     cdt = compute_dtype(s)
     want_grad = grad_out.numel() > 0
@@ -145,6 +171,7 @@ def kd_fwd_torch(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int)
     # A CPU scale is read once (free); on a GPU it stays a tensor (no host sync).
     scale_c = float(scale) if scale.device.type == "cpu" else scale.to(cdt)
     code = prm.div
+    inv_temp_t = prm.teacher_inv_temp
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         x = s[r0:r1, :v].to(cdt)
@@ -168,14 +195,16 @@ def kd_fwd_torch(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int)
             logsm = logq if prm.inv_temp == 1.0 else torch.log_softmax(x, -1)
             logsm_y = logsm.gather(-1, y_safe)
             loss = loss - prm.hard_w * logsm_y.squeeze(-1)
+        if parts is not None:
+            hard_part, soft_part = loss.clone(), torch.zeros_like(loss)
         if want_grad and code in (FWD_KL, TAID, ZERO):  # (now: the gradient may overwrite a)
             sep = prm.hard_w != 0.0 and prm.inv_temp != 1.0
             piv_rows, piv = _near_one_hot_pivots(a, lq_max, logsm if sep else None)
         g_pair = None
         if code != ZERO:
             b = t[r0:r1, :v].to(cdt)
-            if prm.inv_temp != 1.0:
-                b = b * prm.inv_temp
+            if inv_temp_t != 1.0:
+                b = b * inv_temp_t
             if code == TAID:  # target r = softmax((1-λ) a + λ b), not lerp: keeps -inf
                 b = (1 - prm.w) * a + prm.w * b
             logp = torch.log_softmax(b, -1)
@@ -196,7 +225,12 @@ def kd_fwd_torch(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int)
             del b
             # every divergence here is >= 0: rounding may not make it negative (NaN stays)
             loss.add_(d_row.clamp_min(0.0), alpha=prm.soft_w)
+            if parts is not None:
+                soft_part = d_row.clamp_min(0.0).mul_(prm.soft_w)
         loss_out[r0:r1] = row_policy(loss, bad, valid)
+        if parts is not None:
+            parts[r0:r1, 0] = row_policy(soft_part, bad, valid)
+            parts[r0:r1, 1] = row_policy(hard_part, bad, valid)
         if not want_grad:
             continue
         # ∂L/∂s = scale·[soft_w/τ·∂D/∂a + hard_w·(softmax(s) − onehot(y))], written into

@@ -5,8 +5,9 @@ One program per row streams the vocabulary in BLOCK_V tiles with an online softm
 int64 row offsets, and no N x V float32 buffer. Per row:
 
   pass 1  online log-sum-exp of a = s/τ (with its argmax kept apart, see pytorch.py) and
-          of b = t/τ (or of the TAID mix; and of the untempered s when a tempered run has a
-          hard-label term). Forward KL and TAID also accumulate their loss online:
+          of b = t/τ_t (τ_t: the teacher's temperature, τ unless given; or of the TAID
+          mix; and of the untempered s when a tempered run has a hard-label term).
+          Forward KL and TAID also accumulate their loss online:
           KL(p‖q) = Σp(b−a) − lse_b + lse_a with Σp(b−a) = Σ e^{b−M}(b−a) / Σ e^{b−M},
           rescaled whenever the running max M moves.
   pass 2  (reverse KL, jsd, skew KL, tvd) D = Σ d_j and the gradient statistics
@@ -38,7 +39,20 @@ from .._triton.math import (
     softplus,
 )
 from .._triton.tiles import row_tile
-from .params import FWD_KL, JSD, REV_KL, SKEW_FWD, SKEW_REV, TAID, TVD, ZERO, KDParams
+from .params import (
+    COSINE,
+    DKD,
+    FWD_KL,
+    JSD,
+    NKD,
+    REV_KL,
+    SKEW_FWD,
+    SKEW_REV,
+    TAID,
+    TVD,
+    ZERO,
+    KDParams,
+)
 
 C_ZERO = tl.constexpr(ZERO)
 C_FWD = tl.constexpr(FWD_KL)
@@ -84,19 +98,26 @@ def _pair_terms(logq, logp, la_lb, dc, w, log_w, log_1mw, DIV: tl.constexpr):
 
 @triton.jit
 def _kd_fwd_kernel(
-    S, T, LABELS, SCALE, LOSS, GRAD,
-    stride_s, stride_t, stride_g, V, V_G,
-    inv_temp, w, log_w, log_1mw, soft_w, hard_w, ignore_index,
+    S, T, LABELS, SCALE, LOSS, GRAD, PARTS,
+    n_inner, stride_s_outer, stride_s, stride_t_outer, stride_t, stride_g, V, V_G,
+    inv_temp, inv_temp_t, w, log_w, log_1mw, soft_w, hard_w, ignore_index,
     DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr, TEMPERED: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, ZERO_TAIL: tl.constexpr, BLOCK_V: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, ZERO_TAIL: tl.constexpr, WRITE_PARTS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
-    # Notation: a = s/τ, b = t/τ, q = softmax(a), p = softmax(b). The student's running
+    # Notation: a = s/τ, b = t/τ_t (τ_t the teacher's temperature: inv_temp_t),
+    # q = softmax(a), p = softmax(b). PARTS (WRITE_PARTS): each row's two addends of the
+    # loss, soft_w·D and hard_w·CE, at [2·row] and [2·row + 1]. The student's running
     # max M_a sits at the pivot column j*; Z' = Σ_{v≠j*} e^{a_v − M_a} excludes it, so
     # log q = (a − M_a) − log1p(Z') and 1 − q_{j*} = Z'/(1+Z') carry no cancellation
     # (pytorch.py explains why). Rows of p use (M_b, Z_b) the same way without a pivot.
+    # Row n of the logits sits at (n // n_inner)·stride_outer + (n % n_inner)·stride: a
+    # [B, T-1, V] slice of [B, T, V] is read in place (one stride: n_inner = N).
     row = tl.program_id(0).to(tl.int64)
-    s_row = S + row * stride_s
-    t_row = T + row * stride_t
+    outer = row // n_inner
+    inner = row - outer * n_inner
+    s_row = S + outer * stride_s_outer + inner * stride_s
+    t_row = T + outer * stride_t_outer + inner * stride_t
     g_row = GRAD + row * stride_g
     lanes = tl.arange(0, BLOCK_V)
     NEG_INF: tl.constexpr = float("-inf")
@@ -139,7 +160,7 @@ def _kd_fwd_kernel(
             zp = tl.where(new, (zp + old_piv) * ra, zp) + tile
             piv = tl.where(new, off + t_arg, piv)
             if NEED_B:
-                b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp
+                b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp_t
                 n_bad += nonfinite_count(b)
                 mb_new, eb, rb = online_step(m_b, b)
                 if DIV == C_FWD:  # Σ e^{b−M_b} (b − a)
@@ -147,7 +168,7 @@ def _kd_fwd_kernel(
                 z_b = z_b * rb + tl.sum(eb, 0)
                 m_b = mb_new
             if DIV == C_TAID:  # c = (1−λ) a + λ b; Σ e^{c−M_c} (c − a)
-                b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp
+                b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp_t
                 n_bad += nonfinite_count(b)
                 c = (1.0 - w) * a + w * b
                 mc_new, ec, rc = online_step(m_b, c)
@@ -184,7 +205,7 @@ def _kd_fwd_kernel(
         # themselves: (a − a_{j*}) − (b − b_{j*}), free of the normalisers' rounding.
         b_ref = m_b
         if DIV == C_REV:
-            b_ref = tl.load(t_row + piv).to(tl.float32) * inv_temp
+            b_ref = tl.load(t_row + piv).to(tl.float32) * inv_temp_t
         g_bar = 0.0
         # ---- pass 2: divergences that need normalised distributions
         if not ONLINE:
@@ -196,7 +217,7 @@ def _kd_fwd_kernel(
                 cols = off + lanes
                 msk = cols < V
                 la = tl.load(s_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp - m_a
-                b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp
+                b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp_t
                 logq = la - c_a
                 d, g = _pair_terms(logq, (b - m_b) - c_b, la - (b - b_ref), c_a - c_b, w, log_w,
                                    log_1mw, DIV)
@@ -221,13 +242,19 @@ def _kd_fwd_kernel(
 
         # every divergence is >= 0: rounding may not make it negative (NaN stays NaN)
         loss = soft_w * tl.where(d_row < 0.0, 0.0, d_row)
+        soft_part = loss
+        hard_part = 0.0
         if HARD:
             y_ok = (y >= 0) & (y < V)
             # An out-of-range label on the GPU (labels are range-checked on the CPU only)
             # reads nothing and makes this row's loss NaN rather than a wrong number.
             x_y = tl.load(s_row + y, mask=y_ok, other=float("nan")).to(tl.float32)
-            loss += hard_w * (c_x - (x_y - m_x))
+            hard_part = hard_w * (c_x - (x_y - m_x))
+            loss += hard_part
         tl.store(LOSS + row, tl.where(bad, float("nan"), loss))
+        if WRITE_PARTS:
+            tl.store(PARTS + 2 * row, tl.where(bad, float("nan"), soft_part))
+            tl.store(PARTS + 2 * row + 1, tl.where(bad, float("nan"), hard_part))
 
         # ---- pass 3: gradient w.r.t. the student logits
         if COMPUTE_GRAD:
@@ -248,7 +275,7 @@ def _kd_fwd_kernel(
                 if DIV == C_ZERO:
                     g = tl.zeros([BLOCK_V], dtype=tl.float32)
                 else:
-                    b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp
+                    b = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(tl.float32) * inv_temp_t
                     if DIV == C_FWD:
                         g = q - tl.exp((b - m_b) - c_b)
                     elif DIV == C_TAID:
@@ -274,6 +301,9 @@ def _kd_fwd_kernel(
                              mask=cols < V_G)
     else:
         tl.store(LOSS + row, 0.0)
+        if WRITE_PARTS:
+            tl.store(PARTS + 2 * row, 0.0)
+            tl.store(PARTS + 2 * row + 1, 0.0)
         if COMPUTE_GRAD:
             for off in range(0, V_G, BLOCK_V):
                 cols = off + lanes
@@ -281,20 +311,42 @@ def _kd_fwd_kernel(
                          mask=cols < V_G)
 
 
-def kd_fwd_triton(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int) -> None:
-    """Same contract as pytorch.kd_fwd_torch (see there); s/t/grad rows have unit column stride."""
-    n = s.shape[0]
+def _row_strides(x, n_inner: int) -> tuple[int, int]:
+    """(outer, inner) row strides of a [N, V] tensor or a [N1, N2, V] view (N2 = n_inner)."""
+    if x.dim() == 3:
+        return x.stride(0), x.stride(1)
+    return n_inner * x.stride(0), x.stride(0)
+
+
+def kd_fwd_triton(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int,
+                  parts=None) -> None:
+    """Same contract as pytorch.kd_fwd_torch (see there); s/t: [N, V] or [N1, N2, V] row
+    views (rowgrad.row_views) with unit column stride, read in place; grad rows
+    [N, Vg] with unit column stride; parts: None or [N, 2] float32 contiguous."""
+    n = s.shape[0] * s.shape[1] if s.dim() == 3 else s.shape[0]
     if n == 0:
         return
     compute_grad = grad_out.numel() > 0
     block, warps = row_tile(v, s.device.type == "cpu")
-    v_g = grad_out.shape[1] if compute_grad else v
+    v_g = grad_out.shape[-1] if compute_grad else v
+    n_inner = s.shape[1] if s.dim() == 3 else t.shape[1] if t.dim() == 3 else n
+    s_outer, s_inner = _row_strides(s, n_inner)
+    t_outer, t_inner = _row_strides(t, n_inner)
+    if prm.div in (DKD, NKD, COSINE):  # their own kernels (a label's column; row norms)
+        from .cosine_triton import launch_cosine
+        from .decoupled_triton import launch_decoupled
+
+        launch = launch_cosine if prm.div == COSINE else launch_decoupled
+        return launch(s, t, labels, scale, loss_out, grad_out, prm, v, n, n_inner,
+                      (s_outer, s_inner, t_outer, t_inner), parts)
     _kd_fwd_kernel[(n,)](
         s, t, labels if labels is not None else loss_out, scale, loss_out,
-        grad_out if compute_grad else s,
-        s.stride(0), t.stride(0), grad_out.stride(0) if compute_grad else 0, v, v_g,
-        prm.inv_temp, prm.w, prm.log_w, prm.log_1mw, prm.soft_w, prm.hard_w, prm.ignore_index,
+        grad_out if compute_grad else s, parts if parts is not None else loss_out,
+        n_inner, s_outer, s_inner, t_outer, t_inner,
+        grad_out.stride(0) if compute_grad else 0, v, v_g,
+        prm.inv_temp, prm.teacher_inv_temp, prm.w, prm.log_w, prm.log_1mw, prm.soft_w,
+        prm.hard_w, prm.ignore_index,
         DIV=prm.div, HAS_LABELS=labels is not None, HARD=prm.hard_w != 0.0,
         TEMPERED=prm.inv_temp != 1.0, COMPUTE_GRAD=compute_grad, ZERO_TAIL=v_g > v,
-        BLOCK_V=block, num_warps=warps,
+        WRITE_PARTS=parts is not None, BLOCK_V=block, num_warps=warps,
     )

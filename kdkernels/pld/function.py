@@ -6,6 +6,7 @@ import torch
 
 from .._core.backend import Backend
 from .._core.rowgrad import as_rows, row_loss, row_loss_function
+from .._core.rowmask import check_row_mask
 from .._core.validate import (
     Reduction,
     check_float_tensor,
@@ -21,6 +22,16 @@ from .ops import PLD_FWD, pld_fwd
 PlackettLuceFunction = row_loss_function("plackett_luce_loss", pld_fwd)
 
 
+def _masked_labels(labels, keep, t: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Labels that say what `mask` says: ignore_index where keep is False. Without labels, a
+    kept row gets its teacher's first class in PLD's order (the first maximum: ties by
+    lower index, NaN above every number), so that putting the label first changes nothing
+    and the row keeps the plain teacher ranking."""
+    if labels is None:
+        labels = t.detach().argmax(-1)
+    return torch.where(keep, labels, torch.full_like(labels, ignore_index))
+
+
 def plackett_luce_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -31,6 +42,7 @@ def plackett_luce_loss(
     ignore_index: int = -100,
     reduction: Reduction = "mean",
     normalizer: float | torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Plackett-Luce distillation loss (PLD, docs/spec.md §3).
@@ -49,6 +61,11 @@ def plackett_luce_loss(
             each suffix log-sum-exp still runs over every class ranked at or after k.
         ignore_index, reduction, normalizer: as in `kd_loss` ('none' gives [...] float32
             per-row losses, 0 at ignored rows).
+        mask: optional [...] bool (or 0/1 integer) tensor, True = keep the row: a row
+            masked out is ignored as a row labelled `ignore_index` is (with labels too, a
+            row counts where both keep it). Without labels a kept row keeps the plain
+            teacher order (it is given the teacher's first class, which that order puts
+            first anyway: one more read of the teacher logits).
         backend: 'auto' | 'torch' | 'triton' | 'cuda' ('auto' takes torch: the GPU
             kernels join it once a GPU run validates them; cuda: not float64).
 
@@ -71,6 +88,9 @@ def plackett_luce_loss(
     ignore_index, normalizer = check_row_args(
         labels, s.shape[:-1], v, device, ignore_index=ignore_index, reduction=reduction,
         normalizer=normalizer)
+    keep = check_row_mask(mask, s.shape[:-1], device)
+    if keep is not None:
+        labels = _masked_labels(labels, keep, t, ignore_index)
     be = PLD_FWD.resolve(backend, device, s_dtype=s.dtype, t_dtype=t.dtype)
     return row_loss(PlackettLuceFunction, pld_fwd, s, labels, as_rows(t.detach()),
                     1.0 / temperature, k, ignore_index, reduction=reduction,

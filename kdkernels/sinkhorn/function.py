@@ -8,10 +8,12 @@ from typing import Literal, get_args
 import torch
 
 from .._core.backend import Backend
+from .._core.rowmask import check_row_mask, kept_rows
 from .._core.validate import (
     check_choice,
     check_float_tensor,
     check_int,
+    check_labels,
     check_number,
     check_same_device,
     compute_dtype,
@@ -126,12 +128,15 @@ def sinkhorn(
 def sinkhorn_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
     *,
     temperature: float = 1.0,
     cost: SinkhornCost = "l1",
     epsilon: float = 0.1,
     n_iters: int = 20,
     grad: SinkhornGrad = "unrolled",
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """SinKD's batch-wise Sinkhorn distance between tempered softmaxes (docs/spec.md §4).
@@ -142,15 +147,29 @@ def sinkhorn_loss(
     iterations with uniform marginals 1/B and the loss is ⟨P, C⟩, averaged over the
     leading dims. SinKD's kernel-domain code (marginals 1) gives B times this value.
 
+    Rows whose label is `ignore_index` (or whose `mask` entry is False) are left out of
+    their batch's transport problem entirely, as if the batch did not hold them: a batch
+    keeping B' rows is the problem on those B' rows (marginals 1/B'), and batches keeping
+    none are left out of the mean (0 when no batch keeps a row). Their logits are never
+    read (NaN included) and their gradient is 0.
+
     Args:
         student_logits: [..., B, V] float tensor; gets the gradient.
         teacher_logits: [..., B, V] float tensor, same shape; treated as a constant.
+        labels: optional [..., B] integer tensor; rows equal to `ignore_index` are left
+            out (the labels are used for nothing else).
         temperature: τ > 0.
         cost: 'l1' | 'sqeuclidean'.
         epsilon: entropic regularisation ε > 0 (cost units; l1 costs lie in [0, 2]).
         n_iters: Sinkhorn iterations, >= 1.
         grad: 'unrolled' (exact derivative of the finite iteration) | 'envelope'
             (P held constant: ∂L/∂C = P).
+        ignore_index: the label of rows left out.
+        mask: optional [..., B] bool (or 0/1 integer) tensor, True = keep the row (for
+            callers without labels); with labels too, a row counts where both keep it.
+            With labels or mask the kept rows are counted on the host (one sync: the
+            problems' shapes depend on them) and selected (index_select) before the
+            cost kernels.
         backend: 'auto' | 'torch' | 'triton' (the fused cost kernels; the solver runs
             on triton too; 'auto' takes torch until a GPU run validates the kernels).
 
@@ -175,11 +194,40 @@ def sinkhorn_loss(
         raise ValueError(
             f"student_logits must have B >= 1 rows and V >= 1 classes, got {tuple(s.shape)}"
         )
+    ignore_index = check_int("ignore_index", ignore_index)
+    rows_shape = tuple(s.shape[:-1])
+    check_labels(labels, rows_shape, v, ignore_index, device)
+    keep = kept_rows(labels, ignore_index, check_row_mask(mask, rows_shape, device))
     be = SINKHORN_LOSS.resolve(backend, device)
     if math.prod(lead) == 0:
         return s.new_zeros((), dtype=torch.float32) + 0.0 * s.sum()
     s2 = (s if s.is_contiguous() else s.contiguous()).reshape(-1, v)
     t2 = t.detach()
     t2 = (t2 if t2.is_contiguous() else t2.contiguous()).reshape(-1, v)
-    return SINKHORN_LOSS(be, s2, t2, bsz, 1.0 / temperature, cost, epsilon, n_iters, grad,
-                         compute_dtype(s))
+    args = (1.0 / temperature, cost, epsilon, n_iters, grad, compute_dtype(s))
+    if keep is None:
+        return SINKHORN_LOSS(be, s2, t2, bsz, *args)
+    return _kept_rows_loss(be, s2, t2, keep.reshape(-1, bsz), args)
+
+
+def _kept_rows_loss(be: str, s2, t2, keep, args) -> torch.Tensor:
+    """sinkhorn_loss over the kept rows only: the problems [M] of s2, t2 [M·B, V] grouped
+    by how many rows each keeps (keep [M, B] bool), each group's kept rows selected
+    (index_select: the gradient of the others is exactly 0, their values never read) and
+    solved as one batch of problems of that size; the mean over problems keeping a row."""
+    m, bsz = keep.shape
+    counts = keep.sum(1)
+    sizes = counts.tolist()  # (the one host sync: shapes depend on it)
+    if min(sizes) == bsz:
+        return SINKHORN_LOSS(be, s2, t2, bsz, *args)
+    total, problems = None, 0
+    for size in sorted(set(sizes) - {0}):
+        probs = (counts == size).nonzero()[:, 0]
+        rows = (probs * bsz).repeat_interleave(size) + keep[probs].nonzero()[:, 1]
+        part = SINKHORN_LOSS(be, s2.index_select(0, rows), t2.index_select(0, rows), size,
+                             *args) * probs.numel()
+        total = part if total is None else total + part
+        problems += probs.numel()
+    if total is None:  # no problem keeps a row: 0, with a zero gradient (nothing read)
+        return s2[:0].sum().float()
+    return total / problems

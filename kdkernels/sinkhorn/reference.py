@@ -44,21 +44,43 @@ def pairwise_cost_ref(student_logits, teacher_logits, *, temperature=1.0, cost="
 def sinkhorn_loss_ref(
     student_logits,
     teacher_logits,
+    labels=None,
     *,
     temperature=1.0,
     cost="l1",
     epsilon=0.1,
     n_iters=20,
     grad="unrolled",
+    ignore_index=-100,
+    mask=None,
     compute_dtype=torch.float64,
 ):
     """docs/spec.md §4 `sinkhorn_loss` in `compute_dtype` (no validation: the oracle).
 
     `unrolled` differentiates through every recorded iteration; `envelope` detaches the
-    plan. The loss comes back in `compute_dtype` (0 when there is no batch at all).
+    plan. Rows with labels == ignore_index or mask False are left out: each problem is
+    solved on its kept rows alone (one at a time), the mean taken over the problems that
+    keep one. The loss comes back in `compute_dtype` (0 when there is no batch at all).
     """
+    kw = dict(temperature=temperature, cost=cost, epsilon=epsilon, n_iters=n_iters, grad=grad)
     s = student_logits.to(compute_dtype)
     t = teacher_logits.to(compute_dtype)
+    if labels is None and mask is None:
+        return _batch_loss(s, t, **kw)
+    keep = torch.ones(s.shape[:-1], dtype=torch.bool)
+    if labels is not None:
+        keep &= labels.cpu() != ignore_index
+    if mask is not None:
+        keep &= mask.cpu().bool()
+    b, v = s.shape[-2:]
+    s, t, keep = s.reshape(-1, b, v), t.reshape(-1, b, v), keep.reshape(-1, b)
+    losses = [_batch_loss(s[m][keep[m]], t[m][keep[m]], **kw)
+              for m in range(s.shape[0]) if bool(keep[m].any())]
+    return torch.stack(losses).mean() if losses else s[:0].sum()
+
+
+def _batch_loss(s, t, *, temperature, cost, epsilon, n_iters, grad):
+    """The loss of [..., B, V] logits, every row kept."""
     c = pairwise_cost_ref(s, t, temperature=temperature, cost=cost)
     f, g = sinkhorn_ref(c, epsilon=epsilon, n_iters=n_iters)
     plan = torch.exp((f.unsqueeze(-1) + g.unsqueeze(-2) - c) / epsilon)

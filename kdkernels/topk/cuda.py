@@ -10,9 +10,13 @@ sit in shared memory (in tiles when k is large), and for tail="bucket" the stude
 held in shared memory when it fits, so each student logit is read from global memory once.
 
 Student logits must be float32, float16 or bfloat16 (`unsupported_reason` refuses float64:
-use backend='torch' or 'triton'). Indices become int64 and values float32 (both [N, k],
-small) before the launch. `KDKERNELS_CUDA_TOPK_KD_PLAN` forces where the student row lives
-(tail="bucket" only), for tests and benchmarks: `auto` (default), `stream` or `smem`.
+use backend='torch' or 'triton'). The kernel computes forward KL, reverse KL and jsd;
+`soft_label_weight` scales its loss and gradient here (the scale it reads, the losses
+after), while divergence='taid', `hard_label_weight` > 0 and `soft_label_weight` = 0 are
+refused by `unsupported_reason` (backend='torch' or 'triton' compute them). Indices become
+int64 and values float32 (both [N, k], small) before the launch.
+`KDKERNELS_CUDA_TOPK_KD_PLAN` forces where the student row lives (tail="bucket" only), for
+tests and benchmarks: `auto` (default), `stream` or `smem`.
 """
 
 from __future__ import annotations
@@ -36,11 +40,21 @@ _PATHS = {"auto": int(KdPath.AUTO), "stream": int(KdPath.STREAM), "smem": int(Kd
 _DIVS = (int(Div.FWD_KL), int(Div.REV_KL), int(Div.JSD))
 
 
-def unsupported_reason(s_dtype: torch.dtype | None = None, **_facts) -> str | None:
-    """None when the CUDA top-k KD kernel takes student logits of `s_dtype`, else why not
-    (and what to do). The dispatch table's verifier for backend='cuda' (function.topk_facts
-    says what it is told); the other facts (any k, either tail, teacher values of any
-    float dtype) need nothing."""
+def unsupported_reason(s_dtype: torch.dtype | None = None, div: int | None = None,
+                       hard_label: bool = False, **_facts) -> str | None:
+    """None when the CUDA top-k KD kernel takes student logits of `s_dtype`, the divergence
+    code `div` and the hard-label term (`hard_label`), else why not (and what to do). The
+    dispatch table's verifier for backend='cuda' (function.topk_facts says what it is
+    told); the other facts (any k, either tail, teacher values of any float dtype) need
+    nothing."""
+    if div is not None and int(div) not in _DIVS:
+        what = ("divergence='taid'" if int(div) == int(Div.TAID)
+                else "soft_label_weight=0 (no divergence term)")
+        return (f"the cuda top-k KD kernel computes forward_kl, reverse_kl and jsd only, not "
+                f"{what}; use backend='torch' or 'triton'")
+    if hard_label:
+        return ("the cuda top-k KD kernel has no hard-label term (hard_label_weight > 0); "
+                "use backend='torch' or 'triton'")
     dtype = s_dtype
     if dtype is None:
         return None
@@ -63,15 +77,17 @@ def plan_override() -> int:
     return _PATHS[text]
 
 
-def topk_kd_fwd_cuda(s, scale, loss_out, grad_out, labels, idx, vals, code: int, beta: float,
-                     inv_temp: float, logprobs: bool, bucket: bool, ignore_index: int) -> None:
+def topk_kd_fwd_cuda(s, scale, loss_out, grad_out, labels, idx, vals, code: int, w: float,
+                     inv_temp: float, logprobs: bool, bucket: bool, ignore_index: int,
+                     soft_w: float = 1.0, hard_w: float = 0.0) -> None:
     """Fill loss_out[N] (float32, 0 at ignored rows) and, if grad_out is non-empty,
     grad_out[N, V] = scale·∂L_n/∂s (0 at ignored rows).
 
     s: [N, V] student logits (unit column stride); idx: [N, k] int (−1 = padding);
     vals: [N, k] teacher logits or log-probabilities; labels: [N] or None; scale: 0-dim
     float tensor on the device (read there); grad_out: [N, V] in s's dtype or empty; it
-    may alias s. `code` is Div.FWD_KL, REV_KL or JSD (then 0 < beta < 1).
+    may alias s. `code` is Div.FWD_KL, REV_KL or JSD (then 0 < w = β < 1); soft_w > 0
+    scales the loss and gradient; hard_w must be 0.
     """
     n, v = s.shape
     if n == 0:
@@ -81,6 +97,10 @@ def topk_kd_fwd_cuda(s, scale, loss_out, grad_out, labels, idx, vals, code: int,
         raise TypeError(reason)
     if int(code) not in _DIVS:
         raise ValueError(f"topk_kd_fwd_cuda: divergence code must be one of {_DIVS}, got {code}")
+    if hard_w != 0.0:
+        raise ValueError("topk_kd_fwd_cuda: the kernel has no hard-label term (hard_w != 0)")
+    if soft_w != 1.0:  # L = soft_w·D: the gradient through the scale the kernel reads
+        scale = scale * soft_w
     check_rows("student logits", s)
     k = idx.shape[1]
     if idx.dim() != 2 or idx.shape[0] != n or tuple(vals.shape) != (n, k):
@@ -110,7 +130,7 @@ def topk_kd_fwd_cuda(s, scale, loss_out, grad_out, labels, idx, vals, code: int,
         k,
         DTYPE_CODES[s.dtype],
         int(code),
-        float(beta),
+        float(w),
         float(inv_temp),
         bool(logprobs),
         bool(bucket),
@@ -120,6 +140,8 @@ def topk_kd_fwd_cuda(s, scale, loss_out, grad_out, labels, idx, vals, code: int,
         stream(dev),
         plan_override(),
     )
+    if soft_w != 1.0:
+        loss_out.mul_(soft_w)
 
 
 def topk_kd_plan(v: int, k: int, dtype: torch.dtype, bucket: bool = True, device=None) -> dict:

@@ -19,12 +19,15 @@ TOPK_KD_FWD = Dispatch("topk_kd_loss", {
 
 @custom_op("topk_kd_fwd", mutates=("loss", "grad"))
 def topk_kd_fwd(s: Tensor, scale: Tensor, loss: Tensor, grad: Tensor, backend: str,
-                labels: Tensor | None, idx: Tensor, vals: Tensor, code: int, beta: float,
-                inv_temp: float, logprobs: bool, bucket: bool, ignore_index: int) -> None:
-    """Per-row losses into loss[N] and scale·∂L_n/∂s into grad[N, V] (skipped if grad is empty).
+                labels: Tensor | None, idx: Tensor, vals: Tensor, code: int, w: float,
+                inv_temp: float, logprobs: bool, bucket: bool, ignore_index: int,
+                soft_w: float, hard_w: float) -> None:
+    """Per-row losses L_n = soft_w·D_n + hard_w·CE_n into loss[N] and scale·∂L_n/∂s into
+    grad[N, V] (skipped if grad is empty).
 
     s: [N, V]; idx: [N, k] (−1 = padding); vals: [N, k]; labels: [N] or None;
-    scale: 0-dim float32; code: a Div (forward KL, reverse KL or jsd).
+    scale: 0-dim float32; code: a Div (forward KL, reverse KL, jsd with w = β, taid with
+    w = λ, or ZERO: no divergence term).
     """
-    TOPK_KD_FWD(backend, s, scale, loss, grad, labels, idx, vals, code, beta, inv_temp,
-                logprobs, bucket, ignore_index)
+    TOPK_KD_FWD(backend, s, scale, loss, grad, labels, idx, vals, code, w, inv_temp,
+                logprobs, bucket, ignore_index, soft_w, hard_w)

@@ -3,7 +3,7 @@
 The same collectives as the torch launcher (kdkernels/topk/parallel.py), with the local
 O(N·W) work in two kernels, one program per row, and the O(N·k) work between them in
 PyTorch (float64, the torch launcher's helpers `teacher_side`, `entry_logs`,
-`loss_and_r`):
+`loss_and_r`; one copy shared with the CUDA launcher in topk/parallel_glue.py):
 
   gather    (k tiles) the student's raw logits at the indices this rank owns, 0 at the
             others (and at padding), written as float64 into the [N, k (+1)] buffer of
@@ -35,13 +35,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .._core.codes import Div
 from .._triton.math import safe_max
 from .._triton.tiles import MIN_BLOCK, row_tile
-from ..parallel import Shards, all_reduce
-from .parallel import entry_logs, loss_and_r, teacher_side
+from ..parallel import Shards
+from .parallel_glue import entry_step
 from .triton import _unselected, class_bitmap
-
-_NEG_INF = float("-inf")
 
 GPU_BLOCK_K = 1024
 CPU_BLOCK_K = 2048
@@ -156,13 +155,18 @@ def launch_config(w: int, k: int, on_cpu: bool) -> tuple[int, int, int]:
 
 
 def topk_kd_fwd_vocab_parallel_triton(s, scale, loss_out, grad_out, labels, idx, vals,
-                                      code: int, beta: float, inv_temp: float,
+                                      code: int, w: float, inv_temp: float,
                                       logprobs: bool, bucket: bool, ignore_index: int,
-                                      sh: Shards) -> None:
+                                      sh: Shards, soft_w: float = 1.0) -> None:
     """The contract of parallel.topk_kd_fwd_vocab_parallel, with Triton kernels for the
     local work: loss_out[N] (float32, the same on every rank) and, when grad_out is
     non-empty, grad_out[N, W] = scale·∂L_n/∂s at this rank's columns (every address
-    written once, in grad_out's dtype)."""
+    written once, in grad_out's dtype). No hard-label term (refused before: function.py);
+    code ZERO (soft_label_weight = 0) gives zero losses and gradients."""
+    if code == int(Div.ZERO):  # every rank alike: no term, no collective
+        loss_out.zero_()
+        grad_out.zero_()
+        return
     n, width = s.shape
     k = idx.shape[1]
     dev = s.device
@@ -191,44 +195,17 @@ def topk_kd_fwd_vocab_parallel_triton(s, scale, loss_out, grad_out, labels, idx,
             BUCKET=bucket, HAS_LABELS=has_labels, CDT=tl_cdt, BLOCK_K=block_k,
             BLOCK_V=block_v, num_warps=warps)
 
-    # ---- the collectives and the O(N·k) entry math (float64, the torch path's helpers)
-    pad = idx < 0
-    u, entries, bad = teacher_side(vals, pad, inv_temp, logprobs, bucket)
-    lse_tail = full = m_safe = c_tail = None
-    if bucket:
-        mx = tstat[:, :2].to(f64, copy=True)  # (a float64 tstat must keep the local max)
-        all_reduce(mx, "max", sh.group)
-        m_tail = mx[:, 0:1]
-        m_safe = torch.where(torch.isfinite(m_tail), m_tail, 0.0)
-        m_loc = tstat[:, 0:1].to(f64)
-        sel[:, k:] = torch.where(m_loc == _NEG_INF, 0.0,
-                                 tstat[:, 2:3].to(f64) * torch.exp(m_loc - m_safe))
-        all_reduce(sel, "sum", sh.group)
-        empty = m_tail == _NEG_INF
-        c_tail = torch.where(empty, 0.0, torch.log(sel[:, k:]))
-        lse_tail = torch.where(empty, _NEG_INF, m_safe + c_tail)
-        bad = bad | (mx[:, 1] > 0)
-        full = (~pad).sum(1, keepdim=True) == sh.v  # every class selected: empty tail
-    else:
-        all_reduce(sel, "sum", sh.group)
-    a_sel = sel[:, :k] * inv_temp if inv_temp != 1.0 else sel[:, :k]
-    lp, lq, bad = entry_logs(u, a_sel, pad, entries, bad, lse_tail, full)
-    scale64 = scale.to(device=dev, dtype=f64)
-    loss, valid, r = loss_and_r(code, beta, lp, lq, bad, labels, ignore_index, want_grad,
-                                scale64, inv_temp)
-    loss_out.copy_(loss)
-    if not want_grad or n == 0:
+    # ---- the collectives and the O(N·k) entry math (float64, topk/parallel_glue.py)
+    gi = entry_step(sel, tstat, idx, vals, labels, scale, loss_out, code, w, inv_temp,
+                    logprobs, bucket, ignore_index, sh, soft_w, want_grad, cdt)
+    if gi is None or n == 0:
         return
 
     # ---- the local gradient
-    mode = torch.where(bad, 1, 0).to(torch.int32)
-    if valid is not None:
-        mode = torch.where(valid, mode, 2).to(torch.int32)
-    r_c = r.to(cdt).contiguous()
-    tail = torch.cat([m_safe, c_tail], 1).to(cdt).contiguous() if bucket else prm
+    tail = gi.tail if bucket else prm
     _vp_topk_grad_kernel[(n,)](
-        s, idx, bits, prm, r_c, tail, mode, grad_out, s.stride(0), idx.stride(0),
-        idx.stride(1), bits.stride(0), r_c.stride(0), grad_out.stride(0), width, k,
+        s, idx, bits, prm, gi.r, tail, gi.mode, grad_out, s.stride(0), idx.stride(0),
+        idx.stride(1), bits.stride(0), gi.r.stride(0), grad_out.stride(0), width, k,
         sh.start, BUCKET=bucket, CDT=tl_cdt, BLOCK_K=block_k, BLOCK_V=block_v,
         num_warps=warps)
 

@@ -7,14 +7,22 @@ student row, where needed, in BLOCK_V tiles. Per row:
 
   pass 1  (k tiles) gather the entries: online log-sum-exp of the teacher's u and of the
           selected student logits a = s/τ, each with its maximum kept apart (pivot).
-  pass 2  (bucket only; V tiles) stream the student row once: the log-sum-exp of the
-          tail (the unselected classes, found in a per-row bitmap of the selected ones)
-          is accumulated directly, never as total − selected; NaN/+inf anywhere counts.
-  pass 3  (k tiles, re-gathered) per entry log q, log p, the divergence terms d, h:
-          the loss Σd and the sums the gradient needs.
-  pass 4  (gradient only; V tiles) the unselected columns: 0 (renormalize) or
-          r_tail · softmax within the tail (bucket, re-reading the row); bitmap-masked.
-  pass 5  (gradient only; k tiles) the selected columns: r_i, scattered.
+  pass 2  (bucket, hard label; V tiles) stream the student row once: the log-sum-exp of
+          the tail (the unselected classes, found in a per-row bitmap of the selected
+          ones) accumulated directly, never as total − selected; for the hard label the
+          untempered row's log-sum-exp with its maximum kept apart (as the entries');
+          NaN/+inf anywhere counts.
+  pass 3a (taid only; k tiles) the log-sum-exp l_r of the mix (1−λ) log q + λ log p over
+          the entries (and the tail): log r = mix − l_r, compared with q as forward KL.
+  pass 3  (k tiles, re-gathered) per entry log q, log p (log r), the divergence terms
+          d, h: the loss soft_w·Σd + hard_w·CE and the sums the gradient needs.
+  pass 4  (gradient only; V tiles) the unselected columns (all of them without a
+          divergence term): 0 (renormalize) or r_tail · softmax within the tail (bucket,
+          re-reading the row), plus hard_w·(softmax(s) − onehot(y)); bitmap-masked.
+  pass 5  (gradient only; k tiles) the selected columns: r_i (+ the hard label's
+          term), scattered. At the label, softmax_y − 1 is −Z'/(1 + Z') where the label
+          is the row's maximum (no 1 − 1). soft_label_weight = 0 (Div.ZERO) runs pass 2
+          and pass 4 only.
 Every gradient address is written once, and a column is written only after its last
 read, so the gradient may alias the student logits (fused-linear's buffer reuse).
 
@@ -61,6 +69,8 @@ from .._triton.tiles import MIN_BLOCK, row_tile
 C_FWD = tl.constexpr(int(Div.FWD_KL))
 C_REV = tl.constexpr(int(Div.REV_KL))
 C_JSD = tl.constexpr(int(Div.JSD))
+C_TAID = tl.constexpr(int(Div.TAID))
+C_ZERO = tl.constexpr(int(Div.ZERO))
 
 # entries per tile: per program on a GPU, and under the interpreter
 GPU_BLOCK_K = 1024
@@ -100,7 +110,8 @@ def _pivot_step(m, zp, piv, x, cols, lanes):
 def _entries(IDX_ROW, VALS_ROW, S_ROW, stride_ik, stride_vk, k0, lanes, K, V, inv_temp,
              LOGPROBS: tl.constexpr, CDT: tl.constexpr):
     """Entries k0 + lanes: (column (int32, -1: none), entry mask, out-of-range mask,
-    the teacher's u (values/τ or log-probs) and the student's a = s/τ; -inf off entries)."""
+    the student's raw logit x, the teacher's u (values/τ or log-probs) and the student's
+    a = x/τ; -inf off entries)."""
     slot = k0 + lanes
     in_k = slot < K
     raw = tl.load(IDX_ROW + slot * stride_ik, mask=in_k, other=-1)
@@ -110,8 +121,8 @@ def _entries(IDX_ROW, VALS_ROW, S_ROW, stride_ik, stride_vk, k0, lanes, K, V, in
     u = tl.load(VALS_ROW + slot * stride_vk, mask=ent, other=float("-inf")).to(CDT)
     if not LOGPROBS:
         u = u * inv_temp
-    a = tl.load(S_ROW + col, mask=ent, other=float("-inf")).to(CDT) * inv_temp
-    return col, ent, oob, u, a
+    x = tl.load(S_ROW + col, mask=ent, other=float("-inf")).to(CDT)
+    return col, ent, oob, x, u, x * inv_temp
 
 
 @triton.jit
@@ -119,10 +130,10 @@ def _div_terms(lp, lq, beta, log_b, log_1mb, DIV: tl.constexpr):
     """Per-entry (d, h): d sums to D, h = q ∂D/∂q up to a multiple of q (pytorch.py; r is
     blind to h + c·q). jsd drops the multiple −(1−β) log(1−β) q: its h vanishes where
     p/q → 0 instead of cancelling against q Σh (the whole gradient where the teacher's
-    mass sits far from the student's)."""
+    mass sits far from the student's). TAID: forward KL, lp being log r (_target)."""
     p = tl.exp(lp)
     q = tl.exp(lq)
-    if DIV == C_FWD:
+    if DIV == C_FWD or DIV == C_TAID:
         d = tl.where(p > 0, p * (lp - lq), 0.0)
         h = -p
     elif DIV == C_REV:
@@ -134,6 +145,25 @@ def _div_terms(lp, lq, beta, log_b, log_1mb, DIV: tl.constexpr):
             q > 0, (1.0 - beta) * q * (lq - logm), 0.0)
         h = tl.where(q > 0, -(1.0 - beta) * q * softplus(log_b - log_1mb + lp - lq), 0.0)
     return d, h
+
+
+@triton.jit
+def _target(lp, lq, lam, l_r, DIV: tl.constexpr):
+    """The entry log-probabilities the divergence compares q with: the teacher's log p,
+    or for TAID log r = (1−λ) log q + λ log p − LSE_e(…) (l_r: that LSE)."""
+    if DIV == C_TAID:
+        return (1.0 - lam) * lq + lam * lp - l_r
+    return lp
+
+
+@triton.jit
+def _hard_grad(x, cols, y, piv_x, mx_s, c_x, z_x):
+    """softmax(x) − onehot(y) at columns cols, from the row's LSE m_x + log1p(z_x) with its
+    max (column piv_x) kept apart: at y = piv_x, −z_x/(1 + z_x) (no 1 − 1). mx_s: m_x made
+    finite; c_x = log1p(z_x)."""
+    sm = tl.exp((x - mx_s) - c_x)
+    g_y = tl.where(y == piv_x, -z_x / (1.0 + z_x), sm - 1.0)
+    return tl.where(cols == y, g_y, sm)
 
 
 @triton.jit
@@ -155,8 +185,8 @@ def _fill_row(G_ROW, V, value, BLOCK_V: tl.constexpr):
 def _topk_kd_fwd_kernel(
     S, IDX, VALS, LABELS, BITS, SCALE, LOSS, GRAD,
     stride_s, stride_i, stride_ik, stride_v, stride_vk, stride_l, stride_b, stride_g,
-    V, K, beta_hi, beta_lo, inv_temp_hi, inv_temp_lo, ignore_index,
-    DIV: tl.constexpr, LOGPROBS: tl.constexpr, BUCKET: tl.constexpr,
+    V, K, w_hi, w_lo, inv_temp_hi, inv_temp_lo, ignore_index, sw_hi, sw_lo, hw_hi, hw_lo,
+    DIV: tl.constexpr, LOGPROBS: tl.constexpr, BUCKET: tl.constexpr, HARD: tl.constexpr,
     HAS_LABELS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, CDT: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -169,16 +199,22 @@ def _topk_kd_fwd_kernel(
     lk = tl.arange(0, BLOCK_K)
     lv = tl.arange(0, BLOCK_V)
     NEG_INF: tl.constexpr = float("-inf")
+    SOFT: tl.constexpr = DIV != C_ZERO
     # scalars arrive as float32 pairs hi + lo (float64 runs keep ~48 bits of them)
     inv_temp = tl.cast(inv_temp_hi, CDT) + tl.cast(inv_temp_lo, CDT)
-    beta = tl.cast(beta_hi, CDT) + tl.cast(beta_lo, CDT)
+    beta = tl.cast(w_hi, CDT) + tl.cast(w_lo, CDT)  # the mixture weight: β (jsd), λ (taid)
+    soft_w = tl.cast(sw_hi, CDT) + tl.cast(sw_lo, CDT)
+    hard_w = tl.cast(hw_hi, CDT) + tl.cast(hw_lo, CDT)
     log_b = tl.log(beta)
     log_1mb = tl.log(1.0 - beta)
 
     valid = True
+    y = tl.zeros([], tl.int64)
     if HAS_LABELS:
-        valid = tl.load(LABELS + row * stride_l).to(tl.int64) != ignore_index
+        y = tl.load(LABELS + row * stride_l).to(tl.int64)
+        valid = y != ignore_index
     if valid:
+        n_bad = tl.zeros([], tl.int32)  # NaN / +inf the loss reads, out-of-range indices
         # ---- pass 1: the entries (online LSE of the teacher's u and the selected a)
         # the teacher's LSE: in float64 for the bucket, whose p_tail = 1 − Σ p_i cancels
         TDT: tl.constexpr = tl.float64 if BUCKET else CDT
@@ -188,42 +224,65 @@ def _topk_kd_fwd_kernel(
         z_s = tl.zeros([], CDT)
         piv = tl.full([], -1, tl.int32)  # the column of the largest selected logit
         n_ent = tl.zeros([], tl.int32)
-        n_bad = tl.zeros([], tl.int32)  # NaN / +inf the loss reads, out-of-range indices
-        for k0 in range(0, K, BLOCK_K):
-            col, ent, oob, u, a = _entries(i_row, v_row, s_row, stride_ik, stride_vk, k0, lk,
-                                           K, V, inv_temp, LOGPROBS, CDT)
-            n_bad += nonfinite_count(u) + tl.sum(oob.to(tl.int32), 0)
-            if not BUCKET:  # (bucket: the whole row is checked in pass 2)
-                n_bad += nonfinite_count(a)
-            n_ent += tl.sum(ent.to(tl.int32), 0)
-            m_u, z_u, _unused = _pivot_step(m_u, z_u, 0, u.to(TDT), col, lk)
-            m_s, z_s, piv = _pivot_step(m_s, z_s, piv, a, col, lk)
+        if SOFT:
+            for k0 in range(0, K, BLOCK_K):
+                col, ent, oob, x, u, a = _entries(i_row, v_row, s_row, stride_ik, stride_vk,
+                                                  k0, lk, K, V, inv_temp, LOGPROBS, CDT)
+                n_bad += nonfinite_count(u) + tl.sum(oob.to(tl.int32), 0)
+                if not BUCKET:  # (bucket: the whole row is checked in pass 2)
+                    n_bad += nonfinite_count(a)
+                n_ent += tl.sum(ent.to(tl.int32), 0)
+                m_u, z_u, _unused = _pivot_step(m_u, z_u, 0, u.to(TDT), col, lk)
+                m_s, z_s, piv = _pivot_step(m_s, z_s, piv, a, col, lk)
         has = n_ent > 0
         l_u = m_u + log1p(z_u)  # LSE of the teacher's u (-inf without entries)
         mu_s = safe_max(m_u).to(CDT)
         c_u = log1p(z_u).to(CDT)
 
-        # ---- pass 2 (bucket): the tail's LSE, streamed over the unselected columns
+        # ---- pass 2 (bucket, hard label): the tail's LSE over the unselected columns;
+        # the LSE of the untempered row x with its max (column piv_x) kept apart
         m_t = tl.full([], NEG_INF, CDT)
         z_t = tl.zeros([], CDT)
-        if BUCKET:
+        m_x = tl.full([], NEG_INF, CDT)
+        z_x = tl.zeros([], CDT)
+        piv_x = tl.full([], -1, tl.int32)
+        if BUCKET or HARD:
             for off in range(0, V, BLOCK_V):
                 cols = off + lv
                 msk = cols < V
-                a = tl.load(s_row + cols, mask=msk, other=NEG_INF).to(CDT) * inv_temp
-                n_bad += nonfinite_count(a)
-                a = tl.where(_unselected(b_row, cols, msk), a, NEG_INF)
-                m_t, z_t, _unused = _pivot_step(m_t, z_t, 0, a, cols, lv)
+                x = tl.load(s_row + cols, mask=msk, other=NEG_INF).to(CDT)
+                # (a NaN, counted in n_bad, enters the LSEs as -inf: an all-NaN tile has
+                # no argmax under the interpreter)
+                if BUCKET:
+                    a = x * inv_temp
+                    n_bad += nonfinite_count(a)
+                    a = tl.where(_unselected(b_row, cols, msk) & (a == a), a, NEG_INF)
+                    m_t, z_t, _unused = _pivot_step(m_t, z_t, 0, a, cols, lv)
+                if HARD:
+                    n_bad += nonfinite_count(x)
+                    x = tl.where(x == x, x, NEG_INF)
+                    m_x, z_x, piv_x = _pivot_step(m_x, z_x, piv_x, x, cols, lv)
         l_t = m_t + log1p(z_t)  # LSE of the tail (-inf: empty or all masked)
         mt_s = safe_max(m_t)
         c_t = log1p(z_t)
+        mx_s = safe_max(m_x)
+        c_x = log1p(z_x)
+        ce = tl.zeros([], CDT)
+        if HARD:
+            # CE = LSE(x) − x_y = (m_x − x_y) + log1p(z_x); a label out of [0, V) (unchecked
+            # on a GPU) reads nothing and makes the row NaN
+            y_ok = (y >= 0) & (y < V)
+            x_y = tl.load(s_row + tl.where(y_ok, y, 0)).to(CDT)
+            ce = (m_x - x_y) + c_x
+            n_bad += tl.where(y_ok & (m_x != NEG_INF), 0, 1)
 
         # no softmax: NaN / +inf read, or a side without any finite entry
         bad = n_bad > 0
-        if BUCKET:
-            bad = bad | ((m_s == NEG_INF) & (m_t == NEG_INF))
-        else:
-            bad = bad | (has & ((m_s == NEG_INF) | (m_u == NEG_INF)))
+        if SOFT:
+            if BUCKET:
+                bad = bad | ((m_s == NEG_INF) & (m_t == NEG_INF))
+            else:
+                bad = bad | (has & ((m_s == NEG_INF) | (m_u == NEG_INF)))
 
         # the pivot entry e*: the tail (bucket) or the largest selected logit (ties: the
         # selected one); log q_e = (x_e − P) − log1p(zq), zq = Σ_{e≠e*} e^{x_e − P}.
@@ -236,50 +295,82 @@ def _topk_kd_fwd_kernel(
         p_s = safe_max(p_log)
         c = log1p(zq)
         q_piv = 1.0 / (1.0 + zq)
+        # the tail entry (bucket): log q_tail from the streamed LSE; log p_tail =
+        # log(1 − Σ p_i), -inf when every class is selected (whatever rounding left in Σ p)
+        lq_t = (l_t - p_s) - c
+        lp_t = tl.log(_neg_expm1(tl.minimum(l_u, 0.0))).to(CDT)
+        lp_t = tl.where(n_ent >= V, NEG_INF, lp_t)
+
+        # ---- pass 3a (taid): l_r, the LSE over the entries of (1−λ) log q + λ log p
+        l_r = tl.zeros([], CDT)
+        if DIV == C_TAID:
+            m_r = tl.full([], NEG_INF, CDT)
+            z_r = tl.zeros([], CDT)
+            for k0 in range(0, K, BLOCK_K):
+                col, ent, oob, x, u, a = _entries(i_row, v_row, s_row, stride_ik, stride_vk,
+                                                  k0, lk, K, V, inv_temp, LOGPROBS, CDT)
+                lq = (a - p_s) - c
+                if BUCKET:
+                    lp = u
+                else:
+                    lp = (u - mu_s) - c_u
+                mix = (1.0 - beta) * lq + beta * lp
+                mix = tl.where(ent & (mix == mix), mix, NEG_INF)  # (NaN: a bad row)
+                m_r, z_r, _unused = _pivot_step(m_r, z_r, 0, mix, col, lk)
+            l_r = m_r + log1p(z_r)
+            if BUCKET:
+                mix_t = (1.0 - beta) * lq_t + beta * lp_t
+                l_r = logaddexp(l_r, mix_t)
+                bad = bad | (l_r == NEG_INF)  # disjoint supports: no target
+            else:
+                bad = bad | (has & (l_r == NEG_INF))
 
         # ---- pass 3: divergence terms; Σd, and for the gradient H' = Σ_{e≠e*} h_e,
         # Q' = Σ_{e≠e*} q_e and h_e*
-        d_acc = tl.zeros([BLOCK_K], CDT)
-        h_acc = tl.zeros([BLOCK_K], CDT)
-        q_acc = tl.zeros([BLOCK_K], CDT)
-        hp_acc = tl.zeros([BLOCK_K], CDT)
-        for k0 in range(0, K, BLOCK_K):
-            col, ent, oob, u, a = _entries(i_row, v_row, s_row, stride_ik, stride_vk, k0, lk,
-                                           K, V, inv_temp, LOGPROBS, CDT)
-            lq = (a - p_s) - c
-            if BUCKET:
-                lp = u
-            else:
-                lp = (u - mu_s) - c_u
-            d, h = _div_terms(lp, lq, beta, log_b, log_1mb, DIV)
-            # (scalar booleans enter through tl.where: the interpreter cannot broadcast them)
-            is_p = tl.where(tail_piv, False, ent & (col == piv))
-            rest = tl.where(tail_piv, ent, ent & (col != piv))
-            d_acc += tl.where(ent, d, 0.0)
-            h_acc += tl.where(rest, h, 0.0)
-            q_acc += tl.where(rest, tl.exp(lq), 0.0)
-            hp_acc += tl.where(is_p, h, 0.0)
-        d_row = tl.sum(d_acc, 0)
-        h_rest = tl.sum(h_acc, 0)
-        q_rest = tl.sum(q_acc, 0)
-        h_piv = tl.sum(hp_acc, 0)
+        d_row = tl.zeros([], CDT)
+        h_rest = tl.zeros([], CDT)
+        q_rest = tl.zeros([], CDT)
+        h_piv = tl.zeros([], CDT)
         q_t = tl.zeros([], CDT)
         h_t = tl.zeros([], CDT)
-        if BUCKET:
-            # the tail entry: log q_tail from the streamed LSE; log p_tail = log(1 − Σ p_i),
-            # -inf when every class is selected (whatever rounding left in Σ p)
-            lq_t = (l_t - p_s) - c
-            lp_t = tl.log(_neg_expm1(tl.minimum(l_u, 0.0))).to(CDT)
-            lp_t = tl.where(n_ent >= V, NEG_INF, lp_t)
-            d_t, h_t = _div_terms(lp_t, lq_t, beta, log_b, log_1mb, DIV)
-            q_t = tl.exp(lq_t)
-            d_row += d_t
-            h_piv = tl.where(tail_piv, h_t, h_piv)
-            h_rest += tl.where(tail_piv, 0.0, h_t)
-            q_rest += tl.where(tail_piv, 0.0, q_t)
+        if SOFT:
+            d_acc = tl.zeros([BLOCK_K], CDT)
+            h_acc = tl.zeros([BLOCK_K], CDT)
+            q_acc = tl.zeros([BLOCK_K], CDT)
+            hp_acc = tl.zeros([BLOCK_K], CDT)
+            for k0 in range(0, K, BLOCK_K):
+                col, ent, oob, x, u, a = _entries(i_row, v_row, s_row, stride_ik, stride_vk,
+                                                  k0, lk, K, V, inv_temp, LOGPROBS, CDT)
+                lq = (a - p_s) - c
+                if BUCKET:
+                    lp = u
+                else:
+                    lp = (u - mu_s) - c_u
+                d, h = _div_terms(_target(lp, lq, beta, l_r, DIV), lq, beta, log_b, log_1mb,
+                                  DIV)
+                # (scalar booleans enter through tl.where: the interpreter cannot broadcast
+                # them)
+                is_p = tl.where(tail_piv, False, ent & (col == piv))
+                rest = tl.where(tail_piv, ent, ent & (col != piv))
+                d_acc += tl.where(ent, d, 0.0)
+                h_acc += tl.where(rest, h, 0.0)
+                q_acc += tl.where(rest, tl.exp(lq), 0.0)
+                hp_acc += tl.where(is_p, h, 0.0)
+            d_row = tl.sum(d_acc, 0)
+            h_rest = tl.sum(h_acc, 0)
+            q_rest = tl.sum(q_acc, 0)
+            h_piv = tl.sum(hp_acc, 0)
+            if BUCKET:
+                d_t, h_t = _div_terms(_target(lp_t, lq_t, beta, l_r, DIV), lq_t, beta, log_b,
+                                      log_1mb, DIV)
+                q_t = tl.exp(lq_t)
+                d_row += d_t
+                h_piv = tl.where(tail_piv, h_t, h_piv)
+                h_rest += tl.where(tail_piv, 0.0, h_t)
+                q_rest += tl.where(tail_piv, 0.0, q_t)
 
         # every divergence is >= 0: rounding may not make it negative (NaN stays NaN)
-        loss = tl.where(d_row < 0.0, 0.0, d_row)
+        loss = soft_w * tl.where(d_row < 0.0, 0.0, d_row) + hard_w * ce
         tl.store(LOSS + row, tl.where(bad, float("nan"), loss).to(tl.float32))
 
         if COMPUTE_GRAD:
@@ -288,36 +379,42 @@ def _topk_kd_fwd_kernel(
             else:
                 h_sum = h_rest + h_piv
                 r_piv = q_rest * h_piv - q_piv * h_rest  # = h* − q* Σh, without cancelling
-                cg = tl.load(SCALE).to(CDT) * inv_temp
-                # ---- pass 4: unselected columns
-                if BUCKET:
-                    r_t = tl.where(tail_piv, r_piv, h_t - q_t * h_sum) * cg
-                    for off in range(0, V, BLOCK_V):
-                        cols = off + lv
-                        msk = cols < V
-                        a = tl.load(s_row + cols, mask=msk, other=NEG_INF).to(CDT) * inv_temp
-                        g = r_t * tl.exp((a - mt_s) - c_t)  # r_tail · softmax within the tail
-                        tl.store(g_row + cols, g.to(GRAD.dtype.element_ty),
-                                 mask=_unselected(b_row, cols, msk))
-                else:
-                    for off in range(0, V, BLOCK_V):
-                        cols = off + lv
-                        msk = cols < V
-                        tl.store(g_row + cols, tl.zeros([BLOCK_V], GRAD.dtype.element_ty),
-                                 mask=_unselected(b_row, cols, msk))
+                scale = tl.load(SCALE).to(CDT)
+                cg = scale * inv_temp * soft_w
+                ch = scale * hard_w
+                r_t = tl.where(tail_piv, r_piv, h_t - q_t * h_sum) * cg
+                # ---- pass 4: unselected columns (every column without a divergence):
+                # the tail's softmax share (bucket) plus the hard label's term, else 0
+                for off in range(0, V, BLOCK_V):
+                    cols = off + lv
+                    msk = cols < V
+                    x = tl.load(s_row + cols, mask=msk, other=NEG_INF).to(CDT)
+                    g = tl.zeros([BLOCK_V], CDT)
+                    if BUCKET:  # r_tail · softmax within the tail
+                        g += r_t * tl.exp((x * inv_temp - mt_s) - c_t)
+                    if HARD:
+                        g += ch * _hard_grad(x, cols, y, piv_x, mx_s, c_x, z_x)
+                    if SOFT:
+                        msk = _unselected(b_row, cols, msk)
+                    tl.store(g_row + cols, g.to(GRAD.dtype.element_ty), mask=msk)
                 # ---- pass 5: the selected columns (their logits are still intact)
-                for k0 in range(0, K, BLOCK_K):
-                    col, ent, oob, u, a = _entries(i_row, v_row, s_row, stride_ik, stride_vk,
-                                                   k0, lk, K, V, inv_temp, LOGPROBS, CDT)
-                    lq = (a - p_s) - c
-                    if BUCKET:
-                        lp = u
-                    else:
-                        lp = (u - mu_s) - c_u
-                    d, h = _div_terms(lp, lq, beta, log_b, log_1mb, DIV)
-                    r = h - tl.exp(lq) * h_sum
-                    r = tl.where(tail_piv, r, tl.where(col == piv, r_piv, r))
-                    tl.store(g_row + col, (r * cg).to(GRAD.dtype.element_ty), mask=ent)
+                if SOFT:
+                    for k0 in range(0, K, BLOCK_K):
+                        col, ent, oob, x, u, a = _entries(i_row, v_row, s_row, stride_ik,
+                                                          stride_vk, k0, lk, K, V, inv_temp,
+                                                          LOGPROBS, CDT)
+                        lq = (a - p_s) - c
+                        if BUCKET:
+                            lp = u
+                        else:
+                            lp = (u - mu_s) - c_u
+                        d, h = _div_terms(_target(lp, lq, beta, l_r, DIV), lq, beta, log_b,
+                                          log_1mb, DIV)
+                        r = h - tl.exp(lq) * h_sum
+                        r = tl.where(tail_piv, r, tl.where(col == piv, r_piv, r)) * cg
+                        if HARD:
+                            r += ch * _hard_grad(x, col, y, piv_x, mx_s, c_x, z_x)
+                        tl.store(g_row + col, r.to(GRAD.dtype.element_ty), mask=ent)
     else:
         tl.store(LOSS + row, 0.0)
         if COMPUTE_GRAD:
@@ -357,9 +454,9 @@ def launch_config(v: int, k: int, on_cpu: bool) -> tuple[int, int, int]:
 _CDT = {torch.float64: tl.float64}
 
 
-def topk_kd_fwd_triton(s, scale, loss_out, grad_out, labels, idx, vals, code: int,
-                       beta: float, inv_temp: float, logprobs: bool, bucket: bool,
-                       ignore_index: int) -> None:
+def topk_kd_fwd_triton(s, scale, loss_out, grad_out, labels, idx, vals, code: int, w: float,
+                       inv_temp: float, logprobs: bool, bucket: bool, ignore_index: int,
+                       soft_w: float = 1.0, hard_w: float = 0.0) -> None:
     """Same contract as pytorch.topk_kd_fwd_torch; s and grad_out rows have unit column
     stride, and grad_out may be s itself (every logit is read before it is overwritten)."""
     n, v = s.shape
@@ -367,12 +464,16 @@ def topk_kd_fwd_triton(s, scale, loss_out, grad_out, labels, idx, vals, code: in
         return
     k = idx.shape[1]
     compute_grad = grad_out.numel() > 0
+    soft = int(code) != int(Div.ZERO)
+    bucket = bool(bucket) and soft
     if idx.dtype not in (torch.int64, torch.int32):
         idx = idx.long()
-    bits = class_bitmap(idx, v) if bucket or compute_grad else loss_out
+    bits = class_bitmap(idx, v) if soft and (bucket or compute_grad) else loss_out
     block_k, block_v, warps = launch_config(v, k, s.device.type == "cpu")
-    b_hi, b_lo = _split(beta)
+    w_hi, w_lo = _split(w)
     t_hi, t_lo = _split(inv_temp)
+    sw_hi, sw_lo = _split(soft_w)
+    hw_hi, hw_lo = _split(hard_w)
     _topk_kd_fwd_kernel[(n,)](
         s, idx, vals, labels if labels is not None else loss_out, bits, scale, loss_out,
         grad_out if compute_grad else s,
@@ -380,8 +481,8 @@ def topk_kd_fwd_triton(s, scale, loss_out, grad_out, labels, idx, vals, code: in
         labels.stride(0) if labels is not None else 0,
         bits.stride(0) if bits is not loss_out else 0,
         grad_out.stride(0) if compute_grad else 0,
-        v, k, b_hi, b_lo, t_hi, t_lo, ignore_index,
-        DIV=int(code), LOGPROBS=bool(logprobs), BUCKET=bool(bucket),
+        v, k, w_hi, w_lo, t_hi, t_lo, ignore_index, sw_hi, sw_lo, hw_hi, hw_lo,
+        DIV=int(code), LOGPROBS=bool(logprobs), BUCKET=bucket, HARD=hard_w != 0.0,
         HAS_LABELS=labels is not None, COMPUTE_GRAD=compute_grad,
         CDT=_CDT.get(s.dtype, tl.float32), BLOCK_K=block_k, BLOCK_V=block_v, num_warps=warps,
     )
@@ -389,30 +490,39 @@ def topk_kd_fwd_triton(s, scale, loss_out, grad_out, labels, idx, vals, code: in
 
 def aot_variants():
     """(name, jit function, signature, constexprs, num_warps) for tests/triton_aot_check.py:
-    both tail modes with every divergence; gradient and labels on and off; bf16, fp32 and
-    fp64 students (the int32-index and fp64-compute paths once each)."""
+    both tail modes with every divergence (taid included); gradient and labels on and off;
+    the hard-label term with a divergence and alone (ZERO); bf16, fp32 and fp64 students
+    (the int32-index and fp64-compute paths once each)."""
     def sig(dt, it="i64", vt="fp32"):
         return {"S": f"*{dt}", "IDX": f"*{it}", "VALS": f"*{vt}", "LABELS": "*i64",
                 "BITS": "*i32", "SCALE": "*fp32", "LOSS": "*fp32", "GRAD": f"*{dt}",
                 "stride_s": "i64", "stride_i": "i64", "stride_ik": "i64", "stride_v": "i64",
                 "stride_vk": "i64", "stride_l": "i64", "stride_b": "i64", "stride_g": "i64",
-                "V": "i32", "K": "i32", "beta_hi": "fp32", "beta_lo": "fp32",
-                "inv_temp_hi": "fp32", "inv_temp_lo": "fp32", "ignore_index": "i32"}
+                "V": "i32", "K": "i32", "w_hi": "fp32", "w_lo": "fp32",
+                "inv_temp_hi": "fp32", "inv_temp_lo": "fp32", "ignore_index": "i32",
+                "sw_hi": "fp32", "sw_lo": "fp32", "hw_hi": "fp32", "hw_lo": "fp32"}
 
     block_k, block_v, warps = launch_config(151936, 100, on_cpu=False)
-    divs = (int(Div.FWD_KL), int(Div.REV_KL), int(Div.JSD))
+    divs = (int(Div.FWD_KL), int(Div.REV_KL), int(Div.JSD), int(Div.TAID))
     # (logprobs, bucket): renormalize over logits or log-probs, and the bucket tail
     modes = ((False, False), (True, False), (True, True))
     flags = ((True, True), (False, False))  # (labels, grad)
     for (logprobs, bucket), div, (lab, grad) in (
             (m, d, f) for m in modes for d in divs for f in flags):
         dt = "bf16" if grad else "fp32"
-        const = dict(DIV=div, LOGPROBS=logprobs, BUCKET=bucket, HAS_LABELS=lab,
+        const = dict(DIV=div, LOGPROBS=logprobs, BUCKET=bucket, HARD=False, HAS_LABELS=lab,
                      COMPUTE_GRAD=grad, CDT=tl.float32, BLOCK_K=block_k, BLOCK_V=block_v)
         yield (f"topk_kd {'bucket' if bucket else 'renorm'} logprobs={logprobs} div={div} "
                f"labels={lab} grad={grad} {dt}", _topk_kd_fwd_kernel, sig(dt), const, warps)
+    for bucket, div in ((False, int(Div.FWD_KL)), (True, int(Div.TAID)),
+                        (False, int(Div.ZERO))):
+        const = dict(DIV=div, LOGPROBS=True, BUCKET=bucket, HARD=True, HAS_LABELS=True,
+                     COMPUTE_GRAD=True, CDT=tl.float32, BLOCK_K=block_k, BLOCK_V=block_v)
+        yield (f"topk_kd {'bucket' if bucket else 'renorm'} hard label div={div} bf16",
+               _topk_kd_fwd_kernel, sig("bf16"), const, warps)
     for bucket in (False, True):
-        const = dict(DIV=int(Div.JSD), LOGPROBS=True, BUCKET=bucket, HAS_LABELS=True,
-                     COMPUTE_GRAD=True, CDT=tl.float64, BLOCK_K=block_k, BLOCK_V=block_v)
+        const = dict(DIV=int(Div.JSD), LOGPROBS=True, BUCKET=bucket, HARD=False,
+                     HAS_LABELS=True, COMPUTE_GRAD=True, CDT=tl.float64, BLOCK_K=block_k,
+                     BLOCK_V=block_v)
         yield (f"topk_kd {'bucket' if bucket else 'renorm'} fp64 int32 idx",
                _topk_kd_fwd_kernel, sig("fp64", "i32", "bf16"), const, warps)

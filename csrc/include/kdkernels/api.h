@@ -27,8 +27,11 @@ enum Div : int {
     kSkewRev = 5,
     kTvd = 6,
     kTaid = 7,
+    kDkd = 8,
+    kNkd = 9,
+    kCosine = 10,
 };
-constexpr int kNumDivs = 8;
+constexpr int kNumDivs = 11;
 
 // One kd_fwd call. Rows: s[n, :v] (student), t[n, :v] (teacher, same dtype; unused for
 // kZero), labels[n] (int32/int64, optional), loss[n] float32, grad[n, :v_g] (same dtype as
@@ -61,6 +64,11 @@ struct KdFwdArgs {
     bool hard;      // hard_w != 0 (needs labels)
     bool tempered;  // inv_temp != 1
     bool compute_grad;
+    // (the two fields below come last: the kernel's registers are tight, and moving the
+    // fields above changes which constant loads pair up)
+    float inv_temp_t;      // the teacher's 1/τ_t (= inv_temp unless teacher_temperature)
+    int64_t parts_stride;  // > 0: loss[n + parts_stride], loss[n + 2·parts_stride] get the
+                           // row's soft_w·D and hard_w·CE (return_components); 0: none
 };
 
 // Per-entry cost of the Sinkhorn loss (codes.Cost) and top-k KD tail modes (codes.Tail).
@@ -194,6 +202,95 @@ TopkKdPlan topk_kd_plan(int64_t v, int64_t k, int dtype, bool bucket, int device
 
 // Launch on `stream` (asynchronous; never synchronises).
 void topk_kd_fwd(const TopkKdArgs& args, const TopkKdPlan& plan, cudaStream_t stream);
+
+// Vocabulary-parallel kd_loss (docs/vocab_parallel.md; kd_parallel.cuh): the local work of
+// one phase of kdkernels/kd/parallel.py on this rank's columns. Rows: s[n, :width] and
+// t[n, :width] (one dtype: `dtype`, or float64 when is_double; t unused for kZero),
+// labels[n] (int32/int64, optional). The per-row buffers are contiguous, of the compute
+// type C (float64 when is_double, else float32): kd_vp_stats writes stats[n, 8] and
+// piv[n] (int32); kd_vp_partials reads norm[n, 9] and flags[n] (int32) and writes
+// part[n, 4]; kd_vp_grad reads them and scale (one C on the device) and writes
+// grad[n, :width] (s's dtype; may alias s, as the fused losses' chunk buffer: each
+// element is read before it is written; not t).
+struct KdVpArgs {
+    const void* s;
+    const void* t;
+    const void* labels;
+    void* stats;
+    int* piv;
+    const void* norm;
+    const int* flags;
+    void* part;
+    const void* scale;
+    void* grad;
+    int64_t n_rows;
+    int64_t width;  // this rank's columns, stop − start
+    int64_t start;  // the global class of local column 0
+    int64_t stride_s;
+    int64_t stride_t;
+    int64_t stride_g;
+    int64_t stride_l;
+    int64_t ignore_index;
+    double inv_temp;
+    double inv_temp_t;  // the teacher's 1/τ_t (= inv_temp unless teacher_temperature)
+    double w;  // beta (jsd), alpha (skew), taid_t (taid)
+    double log_w;
+    double log_1mw;
+    double soft_w;
+    double hard_w;
+    int dtype;  // DType of s and t (ignored when is_double)
+    int div;    // Div
+    bool is_double;
+    bool has_labels;
+    bool labels_i64;
+    bool hard;   // hard_w != 0 (needs labels)
+    bool use_x;  // hard and inv_temp != 1: the untempered student's normaliser too
+};
+
+// Launch on `stream` (asynchronous; never synchronises).
+void kd_vp_stats(const KdVpArgs& args, cudaStream_t stream);
+void kd_vp_partials(const KdVpArgs& args, cudaStream_t stream);
+void kd_vp_grad(const KdVpArgs& args, cudaStream_t stream);
+
+// Vocabulary-parallel topk_kd_loss (topk_kd_parallel.cuh): rows s[n, :width] (`dtype`, or
+// float64 when is_double), idx[n, :k] int64 global class ids (−1 = padding), labels[n]
+// (optional, only to skip ignored rows). topk_vp_gather writes sel[n, :k] (float64, row
+// stride stride_o: the student's raw logits at the owned indices, 0 elsewhere) and, for
+// bucket, tstat[n, 3] (C: tail max, NaN/+inf flag, Σ e^{a − max}). topk_vp_grad reads
+// mode[n] (int32: 0 gradient, 1 NaN, 2 zero), r[n, :k (+1)] (C, row stride stride_r),
+// tail[n, 2] (C: the tail's max and log Σ; bucket) and writes grad[n, :width] (s's dtype;
+// may alias s: each element is read before it is written).
+struct TopkVpArgs {
+    const void* s;
+    const int64_t* idx;
+    const void* labels;
+    double* sel;
+    void* tstat;
+    const void* r;
+    const void* tail;
+    const int* mode;
+    void* grad;
+    int64_t n_rows;
+    int64_t width;
+    int64_t k;
+    int64_t start;
+    int64_t stride_s;
+    int64_t stride_i;
+    int64_t stride_o;
+    int64_t stride_r;
+    int64_t stride_g;
+    int64_t stride_l;
+    int64_t ignore_index;
+    double inv_temp;
+    int dtype;
+    bool is_double;
+    bool has_labels;
+    bool labels_i64;
+    bool bucket;
+};
+
+void topk_vp_gather(const TopkVpArgs& args, cudaStream_t stream);
+void topk_vp_grad(const TopkVpArgs& args, cudaStream_t stream);
 
 // Per row of x[n, :v]: the k <= kTopkMaxK largest entries, sorted descending, ties by
 // lower index; values[n, k] (x's dtype) and indices[n, k] (int64), both contiguous.

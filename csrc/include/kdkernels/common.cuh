@@ -72,6 +72,9 @@ __device__ __forceinline__ float shfl_xor(float x, int lane_mask) {
 __device__ __forceinline__ int shfl_xor(int x, int lane_mask) {
     return __shfl_xor_sync(0xffffffffu, x, lane_mask);
 }
+__device__ __forceinline__ double shfl_xor(double x, int lane_mask) {
+    return __shfl_xor_sync(0xffffffffu, x, lane_mask);
+}
 
 // A running maximum of -inf (nothing but masked entries so far) is replaced by 0 before
 // subtracting it, so that -inf - (-inf) never makes a NaN.

@@ -1,7 +1,8 @@
 // The kd_loss kernel (docs/spec.md §1): per-row loss and, in the same launch, the gradient
 // w.r.t. the student logits. Same algorithm and contract as kdkernels/kd/triton.py.
 //
-// Notation: a = s/τ, b = t/τ, q = softmax(a), p = softmax(b), M_a = max a at the pivot
+// Notation: a = s/τ, b = t/τ_t (τ_t = τ unless a teacher temperature is given),
+// q = softmax(a), p = softmax(b), M_a = max a at the pivot
 // column j* (lowest column among ties), Z' = Σ_{v≠j*} e^{a_v − M_a}, lse_a = M_a + log1p(Z').
 // Per row:
 //   stage 1  log-sum-exp statistics: PivotMax of a, SumExp of b (of the TAID mix
@@ -161,7 +162,11 @@ __global__ void __launch_bounds__(kKdThreads, kKdMinBlocks)
         y = p.labels_i64 ? static_cast<const int64_t*>(p.labels)[row * p.stride_l]
                          : static_cast<int64_t>(static_cast<const int32_t*>(p.labels)[row * p.stride_l]);
         if (y == p.ignore_index) {  // the same for every block of the row: no barrier skipped
-            if (rank == 0 && threadIdx.x == 0) p.loss[row] = 0.0f;
+            if (rank == 0 && threadIdx.x == 0) {
+                float* out = p.loss + row;
+                out[0] = 0.0f;
+                if (p.parts_stride > 0) out[p.parts_stride] = out[2 * p.parts_stride] = 0.0f;
+            }
             if (p.compute_grad) {
                 zero_cols(g_row, c0, c0 + n, 0, 1);
                 zero_cols(g_row, p.v, p.v_g, rank, csize);
@@ -194,6 +199,7 @@ __global__ void __launch_bounds__(kKdThreads, kKdMinBlocks)
 
     // ---- stage 1: log-sum-exp statistics
     const float inv_temp = p.inv_temp;
+    const float inv_temp_t = p.inv_temp_t;  // the teacher's 1/τ_t
     const float w = p.w;
     const bool sep_ce = p.hard && p.tempered;
     RowStats st = RowStats::identity();
@@ -202,11 +208,11 @@ __global__ void __launch_bounds__(kKdThreads, kKdMinBlocks)
         st.nf += nonfinite(xs) + (NEED_T ? nonfinite(xt) : 0);
         st.a.update(a, c0 + i);
         if constexpr (NEED_B) {
-            const float b = xt * inv_temp;
+            const float b = xt * inv_temp_t;
             st.b.update(b, DIV == kFwdKL ? b - a : 0.0f);
         }
         if constexpr (DIV == kTaid) {
-            const float c = (1.0f - w) * a + w * (xt * inv_temp);
+            const float c = (1.0f - w) * a + w * (xt * inv_temp_t);
             st.b.update(c, c - a);
         }
         if (sep_ce) st.x.update(xs, 0.0f);
@@ -238,7 +244,7 @@ __global__ void __launch_bounds__(kKdThreads, kKdMinBlocks)
         Sum3 acc = {0.0f, 0.0f, 0.0f};
         for_each_col<T, true>(src_s, src_t, n, vec, [&](int i, float xs, float xt) {
             const float la = xs * inv_temp - m_a;
-            const float lb = xt * inv_temp - m_b;
+            const float lb = xt * inv_temp_t - m_b;
             const float logq = la - c_a;
             const Terms e = pair_terms<DIV>(logq, lb - c_b, la - lb, w, p.log_w, p.log_1mw);
             if (c0 + i == piv) {
@@ -267,9 +273,16 @@ __global__ void __launch_bounds__(kKdThreads, kKdMinBlocks)
 
     if (rank == 0 && threadIdx.x == 0) {
         // every divergence is >= 0: rounding may not make it negative (NaN stays NaN)
-        float loss = p.soft_w * (d_row < 0.0f ? 0.0f : d_row);
-        if (p.hard) loss += p.hard_w * (c_x - (x_y - m_x));
-        p.loss[row] = bad ? nan : loss;
+        const float soft = p.soft_w * (d_row < 0.0f ? 0.0f : d_row);
+        const float hard = p.hard ? p.hard_w * (c_x - (x_y - m_x)) : 0.0f;
+        // the loss and (return_components) its two addends, addressed from one pointer:
+        // a separate parts pointer costs the bf16 jsd kernel a spilled register on sm_90a
+        float* out = p.loss + row;
+        out[0] = bad ? nan : (p.hard ? soft + hard : soft);
+        if (p.parts_stride > 0) {
+            out[p.parts_stride] = bad ? nan : soft;
+            out[2 * p.parts_stride] = bad ? nan : hard;
+        }
     }
 
     // ---- stage 3: the gradient w.r.t. the student logits
@@ -291,12 +304,12 @@ __global__ void __launch_bounds__(kKdThreads, kKdMinBlocks)
             const float q = expf(logq);
             float g = 0.0f;
             if constexpr (DIV == kFwdKL) {
-                g = q - expf((xt * inv_temp - m_b) - c_b);
+                g = q - expf((xt * inv_temp_t - m_b) - c_b);
             } else if constexpr (DIV == kTaid) {
-                const float c = (1.0f - w) * (xs * inv_temp) + w * (xt * inv_temp);
+                const float c = (1.0f - w) * (xs * inv_temp) + w * (xt * inv_temp_t);
                 g = q - expf((c - m_b) - c_b);
             } else if constexpr (!ONLINE) {
-                const float lb = xt * inv_temp - m_b;
+                const float lb = xt * inv_temp_t - m_b;
                 const Terms e = pair_terms<DIV>(logq, lb - c_b, la - lb, w, p.log_w, p.log_1mw);
                 g = q * (e.g - g_bar);
             }

@@ -6,7 +6,7 @@
 // and 1 − q_{j*} = Z'/(1+Z') come out without cancellation even when q is one-hot to
 // float32 precision (see kdkernels/kd/chunked.py for why the gradient needs this).
 // Merging two states keeps the larger maximum; the loser's pivot joins Z' as
-// (Z'_loser + 1)·e^{m_loser − m}.
+// (Z'_loser + 1)·e^{m_loser − m}. PivotMax64 is the same state in float64.
 //
 // SumExp holds m = max b, Z = Σ e^{b − m} and A = Σ e^{b − m}·u for a per-column weight u
 // (forward KL uses u = b − a so that Σ_v p_v (b_v − a_v) = A/Z). Merging rescales both
@@ -17,6 +17,7 @@
 #pragma once
 
 #include <climits>
+#include <cmath>
 
 #include "common.cuh"
 
@@ -53,6 +54,40 @@ __device__ __forceinline__ PivotMax merge(const PivotMax& x, const PivotMax& y) 
     const int wp = x_wins ? x.p : y.p;
     if (lm == KDK_NEG_INF) return {wm, wz + lz, wp};
     return {wm, wz + (lz + 1.0f) * expf(lm - wm), wp};
+}
+
+// PivotMax in float64 (the same update and merge), where float32 would lose what matters:
+// a few values per row (topk_kd.cuh's teacher entries), or the float64 rows of the
+// vocabulary-parallel kernels (vocab_parallel.cuh's Pivot<double>).
+struct PivotMax64 {
+    double m;
+    double z;
+    int p;
+
+    __device__ __forceinline__ static PivotMax64 identity() { return {-HUGE_VAL, 0.0, INT_MAX}; }
+
+    __device__ __forceinline__ void update(double a, int j) {
+        if (a > m) {
+            z = (m == -HUGE_VAL) ? 0.0 : (z + 1.0) * exp(m - a);
+            m = a;
+            p = j;
+        } else if (a > -HUGE_VAL) {
+            z += exp(a - m);
+        }
+    }
+};
+
+__device__ __forceinline__ PivotMax64 shfl_xor(const PivotMax64& s, int o) {
+    return {shfl_xor(s.m, o), shfl_xor(s.z, o), shfl_xor(s.p, o)};
+}
+
+__device__ __forceinline__ PivotMax64 merge(const PivotMax64& x, const PivotMax64& y) {
+    const bool x_wins = (x.m > y.m) || (x.m == y.m && x.p <= y.p);
+    const double wm = x_wins ? x.m : y.m, wz = x_wins ? x.z : y.z;
+    const double lm = x_wins ? y.m : x.m, lz = x_wins ? y.z : x.z;
+    const int wp = x_wins ? x.p : y.p;
+    if (lm == -HUGE_VAL) return {wm, wz + lz, wp};
+    return {wm, wz + (lz + 1.0) * exp(lm - wm), wp};
 }
 
 // acc·r where r = e^{m_old − m_new} ∈ [0, 1]; an underflowed r drops the old terms (0·inf

@@ -55,45 +55,12 @@ constexpr int kTkEntries = 1024;        // entry tile: 12 bytes each in shared m
 constexpr int kTkBitmapWords = 8192;    // 32 KiB: windows of 262144 classes
 constexpr int kTkTailId = INT_MAX - 1;  // the tail's "position" in the pivot search
 
-// PivotMax (online_softmax.cuh) in float64, for the teacher's k values: in bucket mode
-// the tail's mass 1 − Σ p = −expm1(M + log1p(Z')) cancels down to what the k entries leave,
-// which float32 would keep only to ~1e-11 absolute. k exp() per row: negligible.
-struct PivotMax64 {
-    double m;
-    double z;
-    int p;
-
-    __device__ __forceinline__ static PivotMax64 identity() { return {-HUGE_VAL, 0.0, INT_MAX}; }
-
-    __device__ __forceinline__ void update(double a, int j) {
-        if (a > m) {
-            z = (m == -HUGE_VAL) ? 0.0 : (z + 1.0) * exp(m - a);
-            m = a;
-            p = j;
-        } else if (a > -HUGE_VAL) {
-            z += exp(a - m);
-        }
-    }
-};
-__device__ __forceinline__ double shfl_xor(double x, int lane_mask) {
-    return __shfl_xor_sync(0xffffffffu, x, lane_mask);
-}
-__device__ __forceinline__ PivotMax64 shfl_xor(const PivotMax64& s, int o) {
-    return {shfl_xor(s.m, o), shfl_xor(s.z, o), shfl_xor(s.p, o)};
-}
-__device__ __forceinline__ PivotMax64 merge(const PivotMax64& x, const PivotMax64& y) {
-    const bool x_wins = (x.m > y.m) || (x.m == y.m && x.p <= y.p);
-    const double wm = x_wins ? x.m : y.m, wz = x_wins ? x.z : y.z;
-    const double lm = x_wins ? y.m : x.m, lz = x_wins ? y.z : x.z;
-    const int wp = x_wins ? x.p : y.p;
-    if (lm == -HUGE_VAL) return {wm, wz + lz, wp};
-    return {wm, wz + (lz + 1.0) * exp(lm - wm), wp};
-}
-
 // Statistics of the columns and entries one thread (then the block) has seen.
 struct TkStats {
     PivotMax a;     // a over the entries (position = entry index)
-    PivotMax64 u;   // teacher values over the entries (float64)
+    PivotMax64 u;   // teacher values over the entries (float64: in bucket mode the tail's
+                    // mass 1 − Σ p = −expm1(M + log1p(Z')) cancels down to what the k
+                    // entries leave, which float32 would keep only to ~1e-11 absolute)
     LseState tail;  // bucket: a over the unselected classes
     float smax;     // bucket: max a over the row
     int nf;         // NaN / +inf among the values read
