@@ -301,8 +301,14 @@ def test_fused_equals_unfused_on_the_same_samples(tau, hard, cap):
         logits = cap * torch.tanh(logits / cap)
     plain = K.sampled_kd_loss(logits, smp, y, temperature=tau, hard_label_weight=hard)
     r_h, r_w = torch.autograd.grad(plain, (hs, ws))
-    assert rel_err(fused, plain) <= 1e-10
-    assert rel_err(g_h, r_h) <= 1e-10 and rel_err(g_w, r_w) <= 1e-10
+    # With τ ≠ 1 and a hard label the fused loss makes two passes (the cross-entropy
+    # untempered), the unfused one a single pass: the float32 loss rounds differently,
+    # and the float32 p̂ (Σp̂ = 1 to ~1e-7, the bucket tail's mass) enters the gradient
+    # once instead of twice. Otherwise both are the same computation.
+    two_pass = tau != 1.0 and hard != 0.0
+    assert rel_err(fused, plain) <= (2.5e-7 if two_pass else 1e-10)
+    tol = 1e-7 if two_pass else 1e-10
+    assert rel_err(g_h, r_h) <= tol and rel_err(g_w, r_w) <= tol
 
 
 def test_modules():

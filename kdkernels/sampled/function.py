@@ -13,16 +13,18 @@ from __future__ import annotations
 import torch
 
 from .._core.backend import Backend
+from .._core.rowgrad import row_loss
 from .._core.validate import (
     Reduction,
     check_float_tensor,
     check_int,
     check_labels,
     check_number,
-    compute_dtype,
 )
 from ..fused_linear import fused_linear_topk_kd_loss
 from ..topk import topk_kd_loss
+from ..topk.function import TopKKDFunction, prepare_topk_args, topk_facts
+from ..topk.ops import TOPK_KD_FWD, topk_kd_fwd
 from .merge import merge_draws
 from .ops import SAMPLE
 from .storage import TeacherSamples
@@ -154,7 +156,7 @@ def sampled_kd_loss(
         labels: optional [...] integer tensor: rows equal to ignore_index are ignored;
             the hard-label term's classes (needed when hard_label_weight > 0).
         temperature: the student's τ > 0 (default: samples.temperature); no τ² factor.
-            τ ≠ 1 costs a float32 (float64) copy of the logits and its gradient.
+            τ ≠ 1 costs nothing extra (the kernels temper the student).
         ignore_index, reduction, normalizer: as in `kd_loss`.
         hard_label_weight, soft_label_weight: >= 0, as in `kd_loss`.
         backend: 'auto' | 'torch' | 'triton' | 'cuda': `topk_kd_loss`'s backends.
@@ -171,13 +173,19 @@ def sampled_kd_loss(
     if tau == 1.0 or soft == 0.0:
         return topk_kd_loss(s, smp.indices, vals, labels, hard_label_weight=hard,
                             soft_label_weight=soft, **common)
-    # values='logprobs' takes the student at τ = 1: temper a copy (its gradient is 1/τ·...)
-    a = s.to(compute_dtype(s)) * (1.0 / tau)
-    out = topk_kd_loss(a, smp.indices, vals, labels, soft_label_weight=soft, **common)
-    if hard != 0.0:
-        out = out + hard * topk_kd_loss(s, *_label_ids(labels, ignore_index, smp), labels,
-                                        **common)
-    return out
+    # p̂ is the target at τ already: the top-k launcher takes the log-probabilities as
+    # they are and tempers only the student (inside the kernels, no copy); its hard
+    # label is the untempered cross-entropy. topk_kd_loss itself refuses log-probs at
+    # τ ≠ 1 (it cannot re-temper a stored distribution), so set τ after its checks.
+    a = prepare_topk_args(s.shape[:-1], s.shape[-1], s.device, smp.indices, vals, labels,
+                          **_TOPK, beta=0.5, temperature=1.0, ignore_index=ignore_index,
+                          reduction=reduction, normalizer=normalizer,
+                          hard_label_weight=hard, soft_label_weight=soft)
+    a = a._replace(inv_temp=1.0 / tau)
+    be = TOPK_KD_FWD.resolve(backend, s.device, **topk_facts(s.dtype, a))
+    return row_loss(TopKKDFunction, topk_kd_fwd, s, labels, a.idx, a.vals, *a.launch_args,
+                    reduction=reduction, normalizer=a.normalizer,
+                    ignore_index=a.ignore_index, backend=be)
 
 
 def fused_linear_sampled_kd_loss(
