@@ -1,4 +1,5 @@
-"""The per-row gradient rescale of the row losses' backward, in Triton."""
+"""Row helpers of the Triton row losses: zeroing a gradient row, and the per-row gradient
+rescale of their backward."""
 
 from __future__ import annotations
 
@@ -6,6 +7,16 @@ import triton
 import triton.language as tl
 
 from .tiles import row_tile
+
+
+@triton.jit
+def store_zeros(ptr, start, stop, BLOCK: tl.constexpr):
+    """ptr[start:stop] = 0 in ptr's element type (one program, BLOCK-wide stores): the
+    gradient row of an ignored row, or the columns past the loss's own vocabulary."""
+    lanes = tl.arange(0, BLOCK)
+    for off in range(start, stop, BLOCK):
+        cols = off + lanes
+        tl.store(ptr + cols, tl.zeros([BLOCK], dtype=ptr.dtype.element_ty), mask=cols < stop)
 
 
 @triton.jit

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .._triton.math import log1p, nonfinite_count, safe_max
+from .._triton.rows import store_zeros
 from .._triton.tiles import row_tile
 from .params import KDParams
 
@@ -146,20 +147,14 @@ def _kd_fwd_kernel_cosine(
                 g = tl.where(bad, float("nan"), g)
                 tl.store(g_row + cols, g.to(GRAD.dtype.element_ty), mask=msk)
             if ZERO_TAIL:
-                for off in range(V, V_G, BLOCK_V):
-                    cols = off + lanes
-                    tl.store(g_row + cols, tl.zeros([BLOCK_V], dtype=GRAD.dtype.element_ty),
-                             mask=cols < V_G)
+                store_zeros(g_row, V, V_G, BLOCK_V)
     else:
         tl.store(LOSS + row, 0.0)
         if WRITE_PARTS:
             tl.store(PARTS + 2 * row, 0.0)
             tl.store(PARTS + 2 * row + 1, 0.0)
         if COMPUTE_GRAD:
-            for off in range(0, V_G, BLOCK_V):
-                cols = off + lanes
-                tl.store(g_row + cols, tl.zeros([BLOCK_V], dtype=GRAD.dtype.element_ty),
-                         mask=cols < V_G)
+            store_zeros(g_row, 0, V_G, BLOCK_V)
 
 
 def launch_cosine(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int, n: int,

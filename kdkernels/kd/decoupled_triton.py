@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .._triton.math import log1p, nonfinite_count, online_step, safe_max, sigmoid, softplus
+from .._triton.rows import store_zeros
 from .._triton.tiles import row_tile
 from .params import DKD, NKD, KDParams
 
@@ -216,20 +217,14 @@ def _kd_fwd_kernel_decoupled(
             g_p = tl.where(bad, float("nan"), -tl.sum(rest, 0))
             tl.store(g_row + tl.maximum(piv, 0), g_p.to(GRAD.dtype.element_ty), mask=piv >= 0)
             if ZERO_TAIL:
-                for off in range(V, V_G, BLOCK_V):
-                    cols = off + lanes
-                    tl.store(g_row + cols, tl.zeros([BLOCK_V], dtype=GRAD.dtype.element_ty),
-                             mask=cols < V_G)
+                store_zeros(g_row, V, V_G, BLOCK_V)
     else:
         tl.store(LOSS + row, 0.0)
         if WRITE_PARTS:
             tl.store(PARTS + 2 * row, 0.0)
             tl.store(PARTS + 2 * row + 1, 0.0)
         if COMPUTE_GRAD:
-            for off in range(0, V_G, BLOCK_V):
-                cols = off + lanes
-                tl.store(g_row + cols, tl.zeros([BLOCK_V], dtype=GRAD.dtype.element_ty),
-                         mask=cols < V_G)
+            store_zeros(g_row, 0, V_G, BLOCK_V)
 
 
 def launch_decoupled(s, t, labels, scale, loss_out, grad_out, prm: KDParams, v: int,

@@ -38,6 +38,7 @@ from .._triton.math import (
     sigmoid_minus_softplus,
     softplus,
 )
+from .._triton.rows import store_zeros
 from .._triton.tiles import row_tile
 from .params import (
     COSINE,
@@ -295,20 +296,14 @@ def _kd_fwd_kernel(
             g_p = tl.where(bad, float("nan"), -tl.sum(rest, 0))
             tl.store(g_row + piv, g_p.to(GRAD.dtype.element_ty))
             if ZERO_TAIL:
-                for off in range(V, V_G, BLOCK_V):
-                    cols = off + lanes
-                    tl.store(g_row + cols, tl.zeros([BLOCK_V], dtype=GRAD.dtype.element_ty),
-                             mask=cols < V_G)
+                store_zeros(g_row, V, V_G, BLOCK_V)
     else:
         tl.store(LOSS + row, 0.0)
         if WRITE_PARTS:
             tl.store(PARTS + 2 * row, 0.0)
             tl.store(PARTS + 2 * row + 1, 0.0)
         if COMPUTE_GRAD:
-            for off in range(0, V_G, BLOCK_V):
-                cols = off + lanes
-                tl.store(g_row + cols, tl.zeros([BLOCK_V], dtype=GRAD.dtype.element_ty),
-                         mask=cols < V_G)
+            store_zeros(g_row, 0, V_G, BLOCK_V)
 
 
 def _row_strides(x, n_inner: int) -> tuple[int, int]:

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from .._core.chunking import chunk_rows
 from .._triton.math import expm1, nonfinite_count, online_step, safe_max, softplus
+from .._triton.rows import store_zeros
 from .._triton.tiles import row_tile
 from .ranking import rank_rows
 
@@ -202,10 +203,7 @@ def _pld_kernel(
     else:
         tl.store(LOSS + row, 0.0)
         if COMPUTE_GRAD:
-            for off in range(0, V, BLOCK_V):
-                cols = off + lanes
-                tl.store(g_row + cols, tl.zeros([BLOCK_V], dtype=GRAD.dtype.element_ty),
-                         mask=cols < V)
+            store_zeros(g_row, 0, V, BLOCK_V)
 
 
 def _block_rows(n: int, v: int, k: int, on_cpu: bool) -> int:

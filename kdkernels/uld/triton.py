@@ -33,6 +33,7 @@ import triton.language as tl
 
 from .._core.chunking import chunk_rows
 from .._triton.math import nonfinite_count, safe_max
+from .._triton.rows import store_zeros
 from .._triton.tiles import row_tile
 from .order import student_order, teacher_sorted
 
@@ -193,10 +194,7 @@ def _uld_kernel(
     else:
         tl.store(LOSS + row, 0.0)
         if COMPUTE_GRAD:
-            for off in range(0, VS, BLOCK_V):
-                cols = off + lanes
-                tl.store(g_row + cols, tl.zeros([BLOCK_V], dtype=GRAD.dtype.element_ty),
-                         mask=cols < VS)
+            store_zeros(g_row, 0, VS, BLOCK_V)
 
 
 def _block_rows(vs: int, vt: int, on_cpu: bool) -> int:
